@@ -1,0 +1,410 @@
+"""StateSpaceRegularizer: attaches the structured state-space regularization to a diffusers AutoencoderKL.
+
+Data flow of one `forward(pixel_values)` (eqs. 22-24, Fig. 2, A.5; METHOD.md sections 5-6):
+
+    every sample draws its branch: regularized with probability alpha, else plain reconstruction
+    encoder input   x_in  = blur(x, tau1) if regularized else x             (one fused encoder pass)
+    z               = posterior sample of E(x_in)                           (gradients flow)
+    z2              = posterior mean of E_ema(blur(x, tau2))                (no gradients, A.5)
+    decoder input   z_hat = mean(z) + Ā C(z) if regularized else z          (one fused decoder pass)
+    target          = blur(x, tau2) if regularized else x
+    loss_i (plain)  = λ_MAE |x - D(z)|_1 + λ_LPIPS LPIPS + w_KL KL
+    loss_i (reg.)   = λ_z MSE(C(z2), Ā C(z)) + λ_I [λ_MAE |x_τ2 - D(z_hat)|_1 + λ_LPIPS LPIPS]
+    loss            = mean over the batch of loss_i
+
+Every rank of a multi-GPU run executes the same graph whatever its draw (the branch only selects
+values with `torch.where`), so the regularizer is the module to hand to `accelerator.prepare`.
+"""
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
+from diffusers.utils import BaseOutput
+from safetensors.torch import load_file, save_file
+
+from .basis import default_grid, discretize, transition_mask, transition_matrix, validate_grid
+from .blur import gaussian_blur, resolution_scale, sample_tau_pairs
+from .config import CONFIG_NAME, SSRegConfig
+from .losses import build_lpips, masked_mean, per_sample_l1, per_sample_lpips, per_sample_mse
+
+
+WEIGHTS_NAME = "ssreg_state.safetensors"
+REGULARIZER_SUBFOLDER = "ssreg"
+
+
+@dataclass
+class SSRegOutput(BaseOutput):
+    """
+    Output of `StateSpaceRegularizer.forward`. `loss` carries gradients; every other field is a
+    detached 0-dim float32 tensor for logging (a mean over the samples of its branch, 0 when the
+    branch got no sample).
+
+    Args:
+        loss (`torch.Tensor`): the total loss, mean over the batch.
+        rec_mae (`torch.Tensor`): pixel L1 of plain reconstructions.
+        rec_lpips (`torch.Tensor`): LPIPS of plain reconstructions (0 without LPIPS).
+        kl (`torch.Tensor`): KL divergence of the posterior (summed over latent dims) of plain samples.
+        latent_mse (`torch.Tensor`): MSE(C(z2), Ā C(z1)) of regularized samples.
+        reg_mae (`torch.Tensor`): pixel L1 between I_τ2 and D(ẑ2) of regularized samples.
+        reg_lpips (`torch.Tensor`): LPIPS between I_τ2 and D(ẑ2) of regularized samples.
+        reg_fraction (`torch.Tensor`): fraction of the batch that went to the regularization branch.
+        delta (`torch.Tensor`): the current step size Δ.
+        reconstruction (`torch.Tensor`, *optional*): the decoded batch `(batch_size, 3, height, width)`,
+            when asked for with `return_reconstruction=True`.
+    """
+
+    loss: torch.Tensor
+    rec_mae: torch.Tensor
+    rec_lpips: torch.Tensor
+    kl: torch.Tensor
+    latent_mse: torch.Tensor
+    reg_mae: torch.Tensor
+    reg_lpips: torch.Tensor
+    reg_fraction: torch.Tensor
+    delta: torch.Tensor
+    reconstruction: Optional[torch.Tensor] = None
+
+    def scalars(self) -> Dict[str, torch.Tensor]:
+        """The logged components as a dict of 0-dim tensors (no host sync)."""
+        return {k: v.detach() for k, v in self.items() if k != "reconstruction" and torch.is_tensor(v)}
+
+
+class TargetEncoder(nn.Module):
+    """The EMA copy of the VAE's encoder (and quant conv): returns the posterior mean `(B, latent_channels, h, w)`."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.encoder = copy.deepcopy(vae.encoder)
+        self.quant_conv = copy.deepcopy(vae.quant_conv) if vae.quant_conv is not None else None
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(pixel_values)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return moments.chunk(2, dim=1)[0]
+
+
+def spatial_mean(z: torch.Tensor) -> torch.Tensor:
+    """Per-channel spatial mean `(B, C, 1, 1)` of latents `(B, C, h, w)`."""
+    return z.mean(dim=(2, 3), keepdim=True)
+
+
+def apply_transition(A_bar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mode-1 product (footnote 2): channel k of the result is sum_n Ā[k, n] z[:, n]."""
+    return torch.einsum("kn,bnhw->bkhw", A_bar.to(z.dtype), z)
+
+
+class StateSpaceRegularizer(nn.Module):
+    r"""
+    Structured state-space regularization (arXiv 2604.11089) attached to a diffusers `AutoencoderKL`.
+
+    The module holds a reference to the VAE (its parameters stay the VAE's own), the learnable
+    masked transition matrix A and positive step Δ, the EMA target encoder and LPIPS. The VAE is
+    never modified beyond `requires_grad` flags of frozen blocks, which `unwrap()` restores.
+
+    Args:
+        vae (`AutoencoderKL`): the autoencoder to regularize (any latent channel count, with or without quant convs).
+        config (`SSRegConfig`, *optional*): hyperparameters; defaults to the paper's Flux setting.
+    """
+
+    def __init__(self, vae: AutoencoderKL, config: Optional[SSRegConfig] = None):
+        super().__init__()
+        if not isinstance(vae, AutoencoderKL):
+            raise TypeError(
+                f"`vae` must be a diffusers AutoencoderKL, got {type(vae).__module__}.{type(vae).__name__}."
+            )
+        config = SSRegConfig() if config is None else config
+        if not isinstance(config, SSRegConfig):
+            raise TypeError(f"`config` must be an SSRegConfig, got {type(config).__name__}.")
+        latent_channels = vae.config.latent_channels
+        self.grid = validate_grid(config.grid, latent_channels) if config.grid else default_grid(latent_channels)
+        self.config = config
+        self.vae = vae
+
+        # --- A (eq. 40) with its fixed sparsity pattern (A.5): only the nonzero entries are parameters ---
+        A = transition_matrix(config.basis, self.grid, normalize=True, seed=config.random_seed)
+        mask = transition_mask(config.basis, self.grid)
+        self.register_buffer("transition_index", mask.nonzero().t().contiguous(), persistent=True)
+        self.transition_values = nn.Parameter(A[mask].clone())
+        self.log_delta = nn.Parameter(torch.tensor(math.log(config.delta_init)))
+        self._diagonal = config.basis == "fourier"
+        if config.alpha == 0:  # plain reconstruction: A and Δ unused, kept out of DDP's bookkeeping
+            self.transition_values.requires_grad_(False)
+            self.log_delta.requires_grad_(False)
+
+        # --- EMA target encoder (A.5) ---
+        self.target_encoder = TargetEncoder(vae)
+        # diffusers' EMAModel supplies the update rule; the target module owns the storage (see update_ema).
+        # min_decay = decay keeps the decay constant after EMAModel's first update (which copies).
+        self._ema = EMAModel(
+            self.target_encoder.parameters(), decay=config.ema_decay, min_decay=config.ema_decay, foreach=True
+        )
+        self._ema.shadow_params = []  # no second copy of the weights: update_ema points it at the module
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long), persistent=True)
+
+        # --- LPIPS: not built at all when its weight is 0 ---
+        self.lpips = build_lpips(config.lpips_net, config.lpips_pretrained_backbone) if config.lambda_lpips > 0 else None
+
+        self.validate_inputs = True
+        self._requires_grad_before_freeze: Optional[Dict[str, bool]] = None
+        self.freeze_blocks()
+
+    # ----------------------------------------------------------------------------------------
+    # Parameters
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """The step size Δ = exp(log Δ) > 0."""
+        return self.log_delta.exp()
+
+    def transition_matrix(self) -> torch.Tensor:
+        """The current continuous A `(N, N)`: zero outside its fixed pattern."""
+        size = self.grid[0] * self.grid[1]
+        A = self.transition_values.new_zeros(size, size)
+        return A.index_put((self.transition_index[0], self.transition_index[1]), self.transition_values)
+
+    def discrete_transition(self) -> torch.Tensor:
+        """Ā = exp(A Δ) (ZOH) or I + A Δ (Euler), eqs. 18-20."""
+        return discretize(self.transition_matrix(), self.delta, self.config.discretization, diagonal=self._diagonal)
+
+    def freeze_blocks(self) -> None:
+        """Freezes the first `freeze_encoder_blocks` encoder down blocks and the last `freeze_decoder_blocks` decoder up blocks (A.5)."""
+        down, up = self.vae.encoder.down_blocks, self.vae.decoder.up_blocks
+        for name, count, blocks in (
+            ("freeze_encoder_blocks", self.config.freeze_encoder_blocks, down),
+            ("freeze_decoder_blocks", self.config.freeze_decoder_blocks, up),
+        ):
+            if count > len(blocks):
+                raise ValueError(f"`{name}`={count} but the VAE has only {len(blocks)} such blocks.")
+        if self._requires_grad_before_freeze is None:
+            self._requires_grad_before_freeze = {n: p.requires_grad for n, p in self.vae.named_parameters()}
+        frozen = list(down[: self.config.freeze_encoder_blocks])
+        if self.config.freeze_decoder_blocks:
+            frozen += list(up[-self.config.freeze_decoder_blocks :])
+        for block in frozen:
+            block.requires_grad_(False)
+
+    def parameter_groups(self, base_lr: float, weight_decay: Optional[float] = None) -> List[dict]:
+        """
+        Optimizer parameter groups: the VAE's trainable weights at `base_lr`, A and Δ at
+        `ssm_lr_scale * base_lr` (A.5). Frozen blocks, the EMA target and LPIPS are excluded.
+        """
+        if not base_lr > 0:
+            raise ValueError(f"`base_lr` must be positive, got {base_lr!r}.")
+        groups = [{"params": [p for p in self.vae.parameters() if p.requires_grad], "lr": base_lr, "name": "vae"}]
+        ssm = [p for p in (self.transition_values, self.log_delta) if p.requires_grad]
+        if ssm:
+            # A and Δ are structural: no weight decay pulls them towards 0.
+            groups.append({"params": ssm, "lr": base_lr * self.config.ssm_lr_scale, "name": "ssm", "weight_decay": 0.0})
+        if weight_decay is not None:
+            groups[0]["weight_decay"] = weight_decay
+        return groups
+
+    def _online_encoder_parameters(self) -> List[nn.Parameter]:
+        params = list(self.vae.encoder.parameters())
+        if self.vae.quant_conv is not None:
+            params += list(self.vae.quant_conv.parameters())
+        return params
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step of the target encoder towards the online encoder; call after every optimizer step."""
+        # EMAModel updates `shadow_params` in place: pointing them at the target module's tensors
+        # makes the module itself the average (valid after any `.to()`, which replaces tensors).
+        self._ema.shadow_params = [p.data for p in self.target_encoder.parameters()]
+        self._ema.optimization_step = int(self.ema_step)
+        self._ema.step(self._online_encoder_parameters())
+        self._ema.shadow_params = []
+        self.ema_step += 1
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.target_encoder.eval()
+        if self.lpips is not None:
+            self.lpips.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Raises a ValueError/TypeError for input that is not a `(B, C, H, W)` batch in [-1, 1] without NaN."""
+        if not torch.is_tensor(pixel_values):
+            raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"`pixel_values` must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype}.")
+        channels = self.vae.config.in_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch_size, {channels}, height, width), got {tuple(pixel_values.shape)}."
+            )
+        low, high, nan = torch.stack(
+            [pixel_values.min().float(), pixel_values.max().float(), torch.isnan(pixel_values).any().float()]
+        ).tolist()
+        if nan:
+            raise ValueError("`pixel_values` contains NaN.")
+        if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
+            raise ValueError(
+                f"`pixel_values` must lie in [-1, 1] (diffusers' convention), got values in [{low:.4g}, {high:.4g}]."
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        return_reconstruction: bool = False,
+    ) -> SSRegOutput:
+        r"""
+        Runs the VAE on a batch and returns the training loss with its components.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): images in [-1, 1].
+            generator (`torch.Generator`, *optional*): drives the branch and τ draws and the posterior sample.
+            return_reconstruction (`bool`, *optional*, defaults to `False`): also return the decoded batch.
+        """
+        if self.validate_inputs:
+            self.check_pixel_values(pixel_values)
+        cfg = self.config
+        batch, _, height, width = pixel_values.shape
+        device = pixel_values.device
+        regularizing = cfg.alpha > 0
+
+        if regularizing:
+            reg_mask = _rand(batch, generator, device) < cfg.alpha
+            scale = resolution_scale(height, width, cfg.reference_resolution)
+            tau1, tau2 = sample_tau_pairs(batch, cfg.tau_max, cfg.delta_tau, scale, generator, device)
+            # Plain samples get variance 0, i.e. exactly themselves; a fixed half-width keeps shapes static.
+            half_width = int(math.ceil(3 * math.sqrt(cfg.tau_max * scale)))
+            encoder_input = gaussian_blur(pixel_values, torch.where(reg_mask, tau1, 0.0), max_half_width=half_width)
+            target = gaussian_blur(pixel_values, torch.where(reg_mask, tau2, 0.0), max_half_width=half_width)
+        else:
+            reg_mask = torch.zeros(batch, dtype=torch.bool, device=device)
+            encoder_input = target = pixel_values
+
+        posterior = self.vae.encode(encoder_input).latent_dist
+        z = posterior.sample(generator=generator)
+        kl = posterior.kl()
+
+        zero = z.new_zeros(batch, dtype=torch.float32)
+        latent_mse = zero
+        decoder_input = z
+        if regularizing:
+            A_bar = self.discrete_transition()
+            with torch.no_grad():
+                z2 = self.target_encoder(target)  # A.5: stop-gradient EMA target, posterior mean
+            if cfg.mean_centering:  # eq. 24: only the centred part follows the update
+                z_mean = spatial_mean(z)
+                predicted_centred = apply_transition(A_bar, z - z_mean)
+                z_hat = z_mean + predicted_centred
+                z2 = z2 - spatial_mean(z2)
+            else:
+                predicted_centred = z_hat = apply_transition(A_bar, z)
+            latent_mse = per_sample_mse(predicted_centred, z2)
+            decoder_input = torch.where(reg_mask[:, None, None, None], z_hat.to(z.dtype), z)
+
+        decoded = self.vae.decode(decoder_input).sample
+        mae = per_sample_l1(decoded, target)
+        lp = per_sample_lpips(self.lpips, decoded, target) if self.lpips is not None else zero
+        pixel = cfg.lambda_mae * mae + cfg.lambda_lpips * lp
+
+        plain_loss = pixel + cfg.kl_weight * kl.float()
+        reg_loss = cfg.lambda_z * latent_mse + cfg.lambda_image * pixel
+        loss = torch.where(reg_mask, reg_loss, plain_loss).mean()
+
+        plain_mask = ~reg_mask
+        return SSRegOutput(
+            loss=loss,
+            rec_mae=masked_mean(mae, plain_mask).detach(),
+            rec_lpips=masked_mean(lp, plain_mask).detach(),
+            kl=masked_mean(kl.float(), plain_mask).detach(),
+            latent_mse=masked_mean(latent_mse, reg_mask).detach(),
+            reg_mae=masked_mean(mae, reg_mask).detach(),
+            reg_lpips=masked_mean(lp, reg_mask).detach(),
+            reg_fraction=reg_mask.float().mean(),
+            delta=self.delta.detach().float(),
+            reconstruction=decoded if return_reconstruction else None,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Saving, loading and removal
+    # ----------------------------------------------------------------------------------------
+
+    def regularizer_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The regularizer's own state: A's values and pattern, log Δ, the EMA step and the EMA target encoder."""
+        state = {
+            "transition_values": self.transition_values,
+            "transition_index": self.transition_index,
+            "log_delta": self.log_delta,
+            "ema_step": self.ema_step,
+        }
+        state.update({f"target_encoder.{k}": v for k, v in self.target_encoder.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Writes `ssreg_config.json` (with the resolved grid) and `ssreg_state.safetensors`; refuses a VAE folder."""
+        vae_config = os.path.join(save_directory, "config.json")
+        if os.path.isfile(vae_config):
+            with open(vae_config) as f:
+                class_name = json.load(f).get("_class_name")
+            if class_name:
+                raise ValueError(
+                    f"`save_directory`={save_directory!r} holds a diffusers {class_name}: the regularizer's state "
+                    f"never goes inside the VAE folder; use a subfolder such as '{REGULARIZER_SUBFOLDER}'."
+                )
+        os.makedirs(save_directory, exist_ok=True)
+        config = SSRegConfig.from_dict({**self.config.to_dict(), "grid": list(self.grid)})
+        config.save_pretrained(save_directory)
+        save_file(self.regularizer_state_dict(), os.path.join(save_directory, WEIGHTS_NAME))
+
+    def load_regularizer_state(self, directory: str) -> None:
+        """Loads `ssreg_state.safetensors` from `directory` into this regularizer (keys and shapes must match)."""
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}.")
+        state = load_file(path)
+        if not torch.equal(state.pop("transition_index"), self.transition_index.cpu()):
+            raise ValueError(f"the transition-matrix pattern in {path} does not match basis {self.config.basis!r}.")
+        with torch.no_grad():
+            self.transition_values.copy_(state.pop("transition_values"))
+            self.log_delta.copy_(state.pop("log_delta"))
+            self.ema_step.copy_(state.pop("ema_step"))
+        target = {k[len("target_encoder.") :]: v for k, v in state.items() if k.startswith("target_encoder.")}
+        unexpected = sorted(k for k in state if not k.startswith("target_encoder."))
+        if unexpected:
+            raise ValueError(f"unexpected keys {unexpected} in {path}.")
+        self.target_encoder.load_state_dict(target, strict=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, vae: AutoencoderKL) -> "StateSpaceRegularizer":
+        """Rebuilds a regularizer saved with `save_pretrained` and attaches it to `vae`."""
+        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}: not a StateSpaceRegularizer folder.")
+        regularizer = cls(vae, SSRegConfig.from_pretrained(directory))
+        regularizer.load_regularizer_state(directory)
+        return regularizer
+
+    def unwrap(self) -> AutoencoderKL:
+        """Detaches the regularizer: restores the VAE's `requires_grad` flags and returns the very same VAE object."""
+        if self._requires_grad_before_freeze is not None:
+            for name, param in self.vae.named_parameters():
+                param.requires_grad_(self._requires_grad_before_freeze.get(name, param.requires_grad))
+            self._requires_grad_before_freeze = None
+        return self.vae
+
+
+def _rand(batch: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    if generator is None:
+        return torch.rand(batch, device=device)
+    return torch.rand(batch, generator=generator, device=generator.device).to(device)
