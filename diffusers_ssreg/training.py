@@ -1,0 +1,191 @@
+"""What the example scripts share: the paper's LR schedule, atomic checkpoints, resume, the NaN guard.
+
+Written against Accelerate's `save_state`/`load_state` and diffusers' conventions
+(`checkpoint-<step>` folders, `--resume_from_checkpoint latest`, `--checkpoints_total_limit`).
+"""
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from typing import List, Optional
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_NAME = "training_state.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedule (Table 2, A.5)
+# --------------------------------------------------------------------------------------------
+
+
+def paper_lr_factor(
+    step: int,
+    num_training_steps: int,
+    base_lr: float,
+    warmup_start_lr: float = 1e-7,
+    min_lr: float = 1e-6,
+    warmup_ratio: float = 0.1,
+    decay_ratio: float = 0.5,
+) -> float:
+    """
+    Multiplier of the base LR at `step` (A.5): linear warm-up from `warmup_start_lr` over the first
+    `warmup_ratio` of training, constant, then cosine down to `min_lr` over the last `decay_ratio`.
+    """
+    warmup_steps = int(round(warmup_ratio * num_training_steps))
+    decay_steps = int(round(decay_ratio * num_training_steps))
+    decay_start = num_training_steps - decay_steps
+    start, floor = warmup_start_lr / base_lr, min_lr / base_lr
+    if step < warmup_steps:
+        return start + (1.0 - start) * step / warmup_steps
+    if step < decay_start or decay_steps == 0:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / decay_steps)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def get_paper_scheduler(optimizer: torch.optim.Optimizer, num_training_steps: int, base_lr: float, **kwargs):
+    """A `LambdaLR` applying `paper_lr_factor` to every parameter group (A and Δ keep their 0.1x ratio)."""
+    if num_training_steps < 1:
+        raise ValueError(f"`num_training_steps` must be >= 1, got {num_training_steps}.")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: paper_lr_factor(step, num_training_steps, base_lr, **kwargs)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed (atomic on POSIX)
+# --------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete `checkpoint-<step>` folders in `output_dir`, oldest first (unfinished `.tmp` folders are ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), n) for n in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(n))]
+    return [os.path.join(output_dir, n) for _, n in sorted(found)]
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step encoded in a `checkpoint-<step>` folder name."""
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise ValueError(f"{path!r} is not a `checkpoint-<step>` folder.")
+    return int(match.group(1))
+
+
+def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
+    """
+    The checkpoint folder to resume from: `"latest"` picks the newest complete one in `output_dir`
+    (None when there is none: a fresh start); a path must be a complete checkpoint folder.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)
+    if not os.path.isdir(path):
+        raise ValueError(f"`resume_from_checkpoint`={resume_from_checkpoint!r} is not 'latest' or an existing folder.")
+    checkpoint_step(path)
+    return path
+
+
+def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> None:
+    """Removes the oldest checkpoints so that one more can be saved within `total_limit` (diffusers' rule)."""
+    if total_limit is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for path in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+        logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", path, total_limit)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None, extra=None) -> str:
+    """
+    Saves `accelerator.save_state` as `output_dir/checkpoint-<step>` atomically: every process writes
+    into `checkpoint-<step>.tmp`, then the main process renames it. A crash or Ctrl-C mid-save leaves
+    only a `.tmp` folder, which resume never picks (and the next save replaces).
+    """
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    temporary = final + ".tmp"
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, total_limit)
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        with open(os.path.join(temporary, TRAINING_STATE_NAME), "w") as f:
+            json.dump({"global_step": step, **(extra or {})}, f, indent=2)
+        _fsync_tree(temporary)
+        if os.path.isdir(final):  # re-saving the same step (e.g. the final save): replace it
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(root: str) -> None:
+    for directory, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(directory, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def read_training_state(checkpoint: str) -> dict:
+    """The `training_state.json` of a checkpoint (at least `global_step`)."""
+    path = os.path.join(checkpoint, TRAINING_STATE_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"global_step": checkpoint_step(checkpoint)}
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite losses
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteGuard:
+    """
+    Skips optimizer steps whose gradient norm is NaN/inf and stops the run after `max_consecutive`
+    of them in a row. The gradient norm is the all-reduced one, so every rank takes the same decision.
+    """
+
+    def __init__(self, max_consecutive: int = 5):
+        if max_consecutive < 1:
+            raise ValueError(f"`max_consecutive` must be >= 1, got {max_consecutive}.")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total_skipped = 0
+
+    def check(self, grad_norm: torch.Tensor, step: int) -> bool:
+        """True when the step may be taken; False to skip it. Raises after too many skips in a row."""
+        if bool(torch.isfinite(grad_norm)):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total_skipped += 1
+        logger.warning("Non-finite loss/gradient at step %d: step skipped (%d in a row).", step, self.consecutive)
+        if self.consecutive >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.consecutive} non-finite steps in a row (last at step {step}): stopping. The last checkpoint "
+                f"is intact; lower the learning rate or check the data before resuming."
+            )
+        return False
+
+
+def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP/FSDP and `torch.compile` wrappers."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
