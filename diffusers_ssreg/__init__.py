@@ -14,10 +14,11 @@ from .basis import (
 )
 from .blur import gaussian_blur, resolution_scale, sample_tau_pairs
 from .config import SSRegConfig
-from .regularizer import REGULARIZER_SUBFOLDER, SSRegOutput, StateSpaceRegularizer
+from .regularizer import REGULARIZER_SUBFOLDER, BranchPlan, SSRegOutput, StateSpaceRegularizer
 
 __all__ = [
     "BASES",
+    "BranchPlan",
     "DISCRETIZATIONS",
     "REGULARIZER_SUBFOLDER",
     "SSRegConfig",

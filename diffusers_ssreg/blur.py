@@ -70,7 +70,7 @@ def gaussian_blur(
     if max_half_width is None:
         if torch.any(variance < 0) or not torch.all(torch.isfinite(variance)):
             raise ValueError(f"`variance` must be finite and >= 0, got {variance.tolist()}.")
-        max_half_width = int(math.ceil(3 * math.sqrt(float(variance.max())))) if batch else 0
+        max_half_width = int(math.ceil(3 * math.sqrt(float(variance.detach().max())))) if batch else 0
     if max_half_width == 0:
         return images
     if padding_mode == "reflect" and max_half_width >= min(height, width):

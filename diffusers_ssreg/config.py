@@ -1,5 +1,6 @@
 """SSRegConfig: every hyperparameter of the regularizer, with the paper's Flux setting as defaults."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -143,3 +144,63 @@ def _check_number(name, value, low=None, high=None, low_open=False):
         raise ValueError(f"`{name}` must be {'>' if low_open else '>='} {low}, got {value!r}.")
     if high is not None and value > high:
         raise ValueError(f"`{name}` must be <= {high}, got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line flags: one `--ssreg_<field>` per field, generated from the dataclass
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _parse_grid(text: str):
+    if str(text).lower() in ("none", "auto", ""):
+        return None
+    parts = str(text).lower().replace("x", ",").split(",")
+    return tuple(int(p) for p in parts)
+
+
+def _parse_optional_int(text: str):
+    return None if str(text).lower() == "none" else int(text)
+
+
+_FLAG_TYPES = {"grid": _parse_grid, "reference_resolution": _parse_optional_int}
+
+
+def add_config_arguments(parser, prefix: str = "ssreg_") -> None:
+    """Adds `--<prefix><field>` for every SSRegConfig field; a flag left out is absent from the namespace."""
+    group = parser.add_argument_group("structured state-space regularization (SSRegConfig)")
+    for f in dataclasses.fields(SSRegConfig):
+        if f.name in _FLAG_TYPES:
+            kind = _FLAG_TYPES[f.name]
+        elif f.type in (bool, "bool"):
+            kind = _parse_bool
+        elif f.type in (int, "int"):
+            kind = int
+        elif f.type in (float, "float"):
+            kind = float
+        else:
+            kind = str
+        default = f.default if f.name != "grid" else "auto"
+        group.add_argument(
+            f"--{prefix}{f.name}", type=kind, default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {default})"
+        )
+
+
+def config_from_args(args, prefix: str = "ssreg_", defaults: Optional[Dict[str, Any]] = None) -> SSRegConfig:
+    """Builds an SSRegConfig from parsed flags; flags left unset fall back to `defaults`, then to the paper's values."""
+    values = dict(defaults or {})
+    for f in dataclasses.fields(SSRegConfig):
+        if hasattr(args, prefix + f.name):  # given on the command line (None is a valid value: "none", "auto")
+            values[f.name] = getattr(args, prefix + f.name)
+    try:
+        return SSRegConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"invalid --{prefix}* flag: {error}") from error

@@ -122,8 +122,13 @@ class ImageDataset(torch.utils.data.Dataset):
         self.items, self.transform, self.labels = items, transform, labels
         self.length = len(items) if length is None else int(length)
         self.load = load or _open_rgb
-        self.num_skipped = 0
+        self.bad_positions = set()  # items found unreadable (per process): never read twice
         self.seed, self.epoch = seed, 0
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct unreadable items this process has met."""
+        return len(self.bad_positions)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's augmentation seeds (only used when `seed` was given)."""
@@ -135,6 +140,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         for attempt in range(min(len(self.items), 64)):
             position = (index + attempt) % len(self.items)
+            if position in self.bad_positions:
+                continue
             try:
                 image = self.load(self.items[position])
                 if self.seed is None:
@@ -144,7 +151,7 @@ class ImageDataset(torch.utils.data.Dataset):
                         torch.manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
                         example = {"pixel_values": self.transform(image)}
             except Exception as error:  # a corrupt, truncated or non-image file: skip it, never crash
-                self.num_skipped += 1
+                self.bad_positions.add(position)
                 logger.warning(
                     "Skipping unreadable image %r (%s: %s); %d skipped so far in this process.",
                     _describe(self.items[position]), type(error).__name__, error, self.num_skipped,
@@ -207,9 +214,9 @@ def hub_image_dataset(
         dataset = dataset.shuffle(seed=seed or 0).select(range(max_samples))
     if isinstance(dataset.features[image_column], datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    images = dataset[image_column]
     labels = dataset[label_column] if label_column else None
-    return ImageDataset(images, transform, labels=labels, seed=seed)
+    # Rows are read lazily (one image per access): a large dataset never has to fit in memory.
+    return ImageDataset(dataset, transform, labels=labels, load=lambda row: _open_rgb(row[image_column]), seed=seed)
 
 
 def folder_image_dataset(

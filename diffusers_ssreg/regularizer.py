@@ -2,18 +2,21 @@
 
 Data flow of one `forward(pixel_values)` (eqs. 22-24, Fig. 2, A.5; METHOD.md sections 5-6):
 
-    every sample draws its branch: regularized with probability alpha, else plain reconstruction
-    encoder input   x_in  = blur(x, tau1) if regularized else x             (one fused encoder pass)
-    z               = posterior sample of E(x_in)                           (gradients flow)
-    z2              = posterior mean of E_ema(blur(x, tau2))                (no gradients, A.5)
-    decoder input   z_hat = mean(z) + Ā C(z) if regularized else z          (one fused decoder pass)
-    target          = blur(x, tau2) if regularized else x
+    plan            k = floor(alpha B + u) samples, a uniformly random subset, take the regularization
+                    branch (each sample with probability alpha); the rest plain reconstruction
+    encoder input   [blur(x_reg, tau1), x_plain]                          (one fused encoder pass)
+    z               = posterior sample of E(encoder input)                 (gradients flow)
+    z2              = posterior mean of E_ema(blur(x_reg, tau2))           (no gradients, A.5; k samples only)
+    decoder input   [mean(z_reg) + Ā C(z_reg), z_plain]                    (one fused decoder pass)
+    target          [blur(x_reg, tau2), x_plain]
     loss_i (plain)  = λ_MAE |x - D(z)|_1 + λ_LPIPS LPIPS + w_KL KL
     loss_i (reg.)   = λ_z MSE(C(z2), Ā C(z)) + λ_I [λ_MAE |x_τ2 - D(z_hat)|_1 + λ_LPIPS LPIPS]
     loss            = mean over the batch of loss_i
 
-Every rank of a multi-GPU run executes the same graph whatever its draw (the branch only selects
-values with `torch.where`), so the regularizer is the module to hand to `accelerator.prepare`.
+The plan is drawn on the host, so shapes are known without a device sync and stay static for a given
+k. Every rank of a multi-GPU run reduces the same parameters whatever its draw (A and Δ join the
+graph with zero gradient when no sample was drawn), so the regularizer is the module to hand to
+`accelerator.prepare`.
 """
 
 import copy
@@ -33,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from .basis import default_grid, discretize, transition_mask, transition_matrix, validate_grid
 from .blur import gaussian_blur, resolution_scale, sample_tau_pairs
 from .config import CONFIG_NAME, SSRegConfig
-from .losses import build_lpips, masked_mean, per_sample_l1, per_sample_lpips, per_sample_mse
+from .losses import build_lpips, per_sample_l1, per_sample_lpips, per_sample_mse
 
 
 WEIGHTS_NAME = "ssreg_state.safetensors"
@@ -75,6 +78,24 @@ class SSRegOutput(BaseOutput):
     def scalars(self) -> Dict[str, torch.Tensor]:
         """The logged components as a dict of 0-dim tensors (no host sync)."""
         return {k: v.detach() for k, v in self.items() if k != "reconstruction" and torch.is_tensor(v)}
+
+
+@dataclass
+class BranchPlan:
+    """
+    Which samples of a batch the regularization branch takes, with their blur variances.
+
+    Args:
+        regularized (`torch.LongTensor` of shape `(k,)`): batch indices of the regularized samples.
+        plain (`torch.LongTensor` of shape `(batch_size - k,)`): batch indices of the plain samples.
+        tau1 (`torch.Tensor` of shape `(k,)`): encoder-input blur variance (pixels²).
+        tau2 (`torch.Tensor` of shape `(k,)`): target blur variance, tau1 + Δ_I.
+    """
+
+    regularized: torch.Tensor
+    plain: torch.Tensor
+    tau1: torch.Tensor
+    tau2: torch.Tensor
 
 
 class TargetEncoder(nn.Module):
@@ -260,81 +281,129 @@ class StateSpaceRegularizer(nn.Module):
                 f"`pixel_values` must lie in [-1, 1] (diffusers' convention), got values in [{low:.4g}, {high:.4g}]."
             )
 
+    def draw_plan(self, batch_size: int, height: int, width: int, generator: Optional[torch.Generator] = None) -> "BranchPlan":
+        """
+        Draws which samples of a batch go to the regularization branch, and their (τ1, τ2).
+
+        The count is αB stochastically rounded (floor(αB + u), u ~ U(0, 1)) and the samples are a
+        uniformly random subset, so each sample is regularized with probability exactly α while
+        the count, known on the host, keeps tensor shapes static and needs no device sync. Drawn
+        with a CPU generator (`generator` if it is one, else torch's global CPU RNG).
+        """
+        cfg = self.config
+        if generator is not None and generator.device.type != "cpu":
+            generator = None
+        if cfg.alpha == 0:  # plain reconstruction: no draw at all, the batch in its own order
+            empty = torch.zeros(0)
+            return BranchPlan(torch.zeros(0, dtype=torch.long), torch.arange(batch_size), empty, empty)
+        u = torch.rand((), generator=generator).item()
+        count = min(batch_size, int(math.floor(cfg.alpha * batch_size + u)))
+        order = torch.randperm(batch_size, generator=generator)
+        scale = resolution_scale(height, width, cfg.reference_resolution)
+        tau1, tau2 = sample_tau_pairs(count, cfg.tau_max, cfg.delta_tau, scale, generator)
+        # Each branch keeps the batch's order (alpha = 1 or 0 leaves the batch as it is).
+        return BranchPlan(order[:count].sort().values, order[count:].sort().values, tau1, tau2)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
         generator: Optional[torch.Generator] = None,
         return_reconstruction: bool = False,
+        plan: Optional["BranchPlan"] = None,
     ) -> SSRegOutput:
         r"""
         Runs the VAE on a batch and returns the training loss with its components.
 
         Args:
             pixel_values (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): images in [-1, 1].
-            generator (`torch.Generator`, *optional*): drives the branch and τ draws and the posterior sample.
-            return_reconstruction (`bool`, *optional*, defaults to `False`): also return the decoded batch.
+            generator (`torch.Generator`, *optional*): drives the branch and τ draws (when a CPU generator) and
+                the posterior sample.
+            return_reconstruction (`bool`, *optional*, defaults to `False`): also return the decoded batch
+                (in the input's order).
+            plan (`BranchPlan`, *optional*): which samples to regularize and their τ pair; drawn with
+                `draw_plan` when not given.
         """
         if self.validate_inputs:
             self.check_pixel_values(pixel_values)
         cfg = self.config
         batch, _, height, width = pixel_values.shape
         device = pixel_values.device
-        regularizing = cfg.alpha > 0
+        if plan is None:
+            plan = self.draw_plan(batch, height, width, generator)
+        count = int(plan.regularized.numel())
+        if count + plan.plain.numel() != batch:
+            raise ValueError(f"`plan` covers {count + plan.plain.numel()} samples but the batch has {batch}.")
 
-        if regularizing:
-            reg_mask = _rand(batch, generator, device) < cfg.alpha
+        # Regularized samples first, then plain ones: one encoder pass and one decoder pass serve both branches.
+        regularized = plan.regularized.to(device, non_blocking=True)
+        plain = plan.plain.to(device, non_blocking=True)
+        plain_pixels = pixel_values.index_select(0, plain)
+        if count:
+            reg_pixels = pixel_values.index_select(0, regularized)
+            # A half-width fixed by τ_max keeps kernel shapes static (torch.compile) and needs no host sync.
             scale = resolution_scale(height, width, cfg.reference_resolution)
-            tau1, tau2 = sample_tau_pairs(batch, cfg.tau_max, cfg.delta_tau, scale, generator, device)
-            # Plain samples get variance 0, i.e. exactly themselves; a fixed half-width keeps shapes static.
             half_width = int(math.ceil(3 * math.sqrt(cfg.tau_max * scale)))
-            encoder_input = gaussian_blur(pixel_values, torch.where(reg_mask, tau1, 0.0), max_half_width=half_width)
-            target = gaussian_blur(pixel_values, torch.where(reg_mask, tau2, 0.0), max_half_width=half_width)
+            blurred_1 = gaussian_blur(reg_pixels, plan.tau1.to(device), max_half_width=half_width)
+            blurred_2 = gaussian_blur(reg_pixels, plan.tau2.to(device), max_half_width=half_width)
+            encoder_input = torch.cat([blurred_1, plain_pixels])
+            target = torch.cat([blurred_2, plain_pixels])
         else:
-            reg_mask = torch.zeros(batch, dtype=torch.bool, device=device)
-            encoder_input = target = pixel_values
+            encoder_input = target = plain_pixels
 
         posterior = self.vae.encode(encoder_input).latent_dist
         z = posterior.sample(generator=generator)
-        kl = posterior.kl()
+        kl = posterior.kl().float()
 
-        zero = z.new_zeros(batch, dtype=torch.float32)
-        latent_mse = zero
         decoder_input = z
-        if regularizing:
+        latent_mse = z.new_zeros(0, dtype=torch.float32)
+        keep_in_graph = None
+        if cfg.alpha > 0:
             A_bar = self.discrete_transition()
-            with torch.no_grad():
-                z2 = self.target_encoder(target)  # A.5: stop-gradient EMA target, posterior mean
-            if cfg.mean_centering:  # eq. 24: only the centred part follows the update
-                z_mean = spatial_mean(z)
-                predicted_centred = apply_transition(A_bar, z - z_mean)
-                z_hat = z_mean + predicted_centred
-                z2 = z2 - spatial_mean(z2)
+            if count:
+                z1 = z[:count]
+                with torch.no_grad():
+                    z2 = self.target_encoder(blurred_2)  # A.5: stop-gradient EMA target, posterior mean
+                if cfg.mean_centering:  # eq. 24: only the centred part follows the update
+                    z1_mean = spatial_mean(z1)
+                    predicted = apply_transition(A_bar, z1 - z1_mean)
+                    z_hat = z1_mean + predicted
+                    z2 = z2 - spatial_mean(z2)
+                else:
+                    predicted = z_hat = apply_transition(A_bar, z1)
+                latent_mse = per_sample_mse(predicted, z2)
+                decoder_input = torch.cat([z_hat.to(z.dtype), z[count:]])
             else:
-                predicted_centred = z_hat = apply_transition(A_bar, z)
-            latent_mse = per_sample_mse(predicted_centred, z2)
-            decoder_input = torch.where(reg_mask[:, None, None, None], z_hat.to(z.dtype), z)
+                # No sample drawn this time: A and Δ still join the graph (with zero gradient), so
+                # every rank of a DDP run reduces the same parameters.
+                keep_in_graph = 0.0 * A_bar.sum()
 
         decoded = self.vae.decode(decoder_input).sample
         mae = per_sample_l1(decoded, target)
-        lp = per_sample_lpips(self.lpips, decoded, target) if self.lpips is not None else zero
+        lp = per_sample_lpips(self.lpips, decoded, target) if self.lpips is not None else torch.zeros_like(mae)
         pixel = cfg.lambda_mae * mae + cfg.lambda_lpips * lp
 
-        plain_loss = pixel + cfg.kl_weight * kl.float()
-        reg_loss = cfg.lambda_z * latent_mse + cfg.lambda_image * pixel
-        loss = torch.where(reg_mask, reg_loss, plain_loss).mean()
+        reg_loss = cfg.lambda_z * latent_mse + cfg.lambda_image * pixel[:count]
+        plain_loss = pixel[count:] + cfg.kl_weight * kl[count:]
+        loss = (reg_loss.sum() + plain_loss.sum()) / batch
+        if keep_in_graph is not None:
+            loss = loss + keep_in_graph
 
-        plain_mask = ~reg_mask
+        reconstruction = None
+        if return_reconstruction:
+            order = torch.cat([regularized, plain])
+            reconstruction = torch.empty_like(decoded).index_copy_(0, order, decoded)
+        n_reg, n_plain = max(count, 1), max(batch - count, 1)
         return SSRegOutput(
             loss=loss,
-            rec_mae=masked_mean(mae, plain_mask).detach(),
-            rec_lpips=masked_mean(lp, plain_mask).detach(),
-            kl=masked_mean(kl.float(), plain_mask).detach(),
-            latent_mse=masked_mean(latent_mse, reg_mask).detach(),
-            reg_mae=masked_mean(mae, reg_mask).detach(),
-            reg_lpips=masked_mean(lp, reg_mask).detach(),
-            reg_fraction=reg_mask.float().mean(),
+            rec_mae=(mae[count:].sum() / n_plain).detach(),
+            rec_lpips=(lp[count:].sum() / n_plain).detach(),
+            kl=(kl[count:].sum() / n_plain).detach(),
+            latent_mse=(latent_mse.sum() / n_reg).detach(),
+            reg_mae=(mae[:count].sum() / n_reg).detach(),
+            reg_lpips=(lp[:count].sum() / n_reg).detach(),
+            reg_fraction=torch.tensor(count / batch, device=device),
             delta=self.delta.detach().float(),
-            reconstruction=decoded if return_reconstruction else None,
+            reconstruction=reconstruction,
         )
 
     # ----------------------------------------------------------------------------------------
@@ -373,6 +442,15 @@ class StateSpaceRegularizer(nn.Module):
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}.")
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if os.path.isfile(config_path):  # patterns alone can't tell e.g. Legendre from Chebyshev apart
+            saved = SSRegConfig.from_pretrained(directory)
+            for name, mine in (("basis", self.config.basis), ("grid", self.grid), ("discretization", self.config.discretization)):
+                theirs = tuple(saved.grid or ()) if name == "grid" else getattr(saved, name)
+                if name == "grid" and not theirs:
+                    continue
+                if theirs != mine:
+                    raise ValueError(f"{directory!r} holds a regularizer with {name}={theirs!r}, this one has {name}={mine!r}.")
         state = load_file(path)
         if not torch.equal(state.pop("transition_index"), self.transition_index.cpu()):
             raise ValueError(f"the transition-matrix pattern in {path} does not match basis {self.config.basis!r}.")
@@ -402,9 +480,3 @@ class StateSpaceRegularizer(nn.Module):
                 param.requires_grad_(self._requires_grad_before_freeze.get(name, param.requires_grad))
             self._requires_grad_before_freeze = None
         return self.vae
-
-
-def _rand(batch: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
-    if generator is None:
-        return torch.rand(batch, device=device)
-    return torch.rand(batch, generator=generator, device=generator.device).to(device)

@@ -1,0 +1,423 @@
+"""Reconstruction metrics (PSNR, SSIM, LPIPS, rFID) and generation metrics (FID, sFID, IS, precision/recall).
+
+The formulas come from maintained libraries where one fits: SSIM maps from torchmetrics, the Fréchet
+distance, Inception Score and k-NN precision/recall from torch-fidelity, LPIPS from `lpips` (through
+`diffusers_ssreg.losses.build_lpips`). What is written here is the glue: per-image metrics in the
+diffusers [-1, 1] convention, streaming feature statistics, labels that keep non-standard feature
+extractors apart from published FID, batching over devices, and JSON-ready results.
+"""
+
+import time
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ._utils import check_positive_int, progress_bar, require, resolve_device
+from .features import FeatureExtractor, build_feature_extractor
+from .io import ImageSource, image_batches, quantize
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image reconstruction metrics
+# --------------------------------------------------------------------------------------------
+
+
+def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
+    if not torch.is_tensor(prediction) or not torch.is_tensor(target):
+        raise TypeError(f"`prediction` and `target` must be tensors, got {type(prediction).__name__} and {type(target).__name__}.")
+    if prediction.shape != target.shape or prediction.ndim != 4:
+        raise ValueError(
+            f"`prediction` and `target` must have the same shape (batch_size, channels, height, width), got "
+            f"{tuple(prediction.shape)} and {tuple(target.shape)}."
+        )
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """
+    Peak signal-to-noise ratio per image, `(batch_size,)` float64: 10 log10(data_range² / MSE); `inf` for
+    identical images. `data_range` = 2 for the diffusers [-1, 1] convention (the same dB as on [0, 1]).
+    """
+    _check_pair(prediction, target)
+    mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(data_range**2 / mse)  # mse == 0 -> inf
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """
+    Structural similarity per image, `(batch_size,)` (Wang et al. 2004): Gaussian window 11 x 11 with
+    σ = 1.5, K1 = 0.01, K2 = 0.03, averaged over the channels and the valid region (5-pixel border
+    excluded), which equals `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False)` and Wang's reference code. torchmetrics computes the SSIM map; it
+    averages over the reflect-padded border too, hence the crop here.
+    """
+    _check_pair(prediction, target)
+    if min(prediction.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11 x 11 pixels, got {tuple(prediction.shape[-2:])}.")
+    tm_ssim = require("torchmetrics.functional.image", "SSIM", "torchmetrics").structural_similarity_index_measure
+    dtype = torch.float64 if prediction.device.type == "cpu" else torch.float32
+    _, ssim_map = tm_ssim(
+        prediction.to(dtype), target.to(dtype), data_range=data_range, reduction="none", return_full_image=True
+    )
+    pad = 5  # (11 - 1) // 2
+    return ssim_map[..., pad:-pad, pad:-pad].flatten(1).mean(dim=1).double()
+
+
+# --------------------------------------------------------------------------------------------
+# Feature statistics and distribution metrics
+# --------------------------------------------------------------------------------------------
+
+
+class GaussianStatistics:
+    """Streaming mean and covariance of feature vectors (float64 sums), for FID without keeping every feature."""
+
+    def __init__(self):
+        self.count = 0
+        self._sum = None
+        self._outer = None
+
+    def update(self, features: torch.Tensor) -> None:
+        """Adds features `(batch_size, D)`."""
+        features = features.detach().double().flatten(1)
+        if self._sum is None:
+            self._sum = features.new_zeros(features.shape[1])
+            self._outer = features.new_zeros(features.shape[1], features.shape[1])
+        elif features.shape[1] != self._sum.shape[0]:
+            raise ValueError(f"features of dim {features.shape[1]} added to statistics of dim {self._sum.shape[0]}.")
+        self._sum += features.sum(0)
+        self._outer += features.T @ features
+        self.count += features.shape[0]
+
+    def compute(self) -> Tuple[np.ndarray, np.ndarray]:
+        """`(mu (D,), sigma (D, D))` as float64 numpy arrays (sigma with the unbiased N - 1 normalization)."""
+        if self.count < 2:
+            raise ValueError(f"FID statistics need at least 2 feature vectors, got {self.count}.")
+        mu = self._sum / self.count
+        sigma = (self._outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def gaussian_statistics(features: Union[torch.Tensor, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """`(mu, sigma)` of features `(N, D)`, float64, sigma unbiased (as `numpy.cov`)."""
+    stats = GaussianStatistics()
+    stats.update(torch.as_tensor(np.asarray(features) if isinstance(features, np.ndarray) else features))
+    return stats.compute()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """
+    Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½)
+    (Heusel et al. 2017), computed by torch-fidelity (trace of the square root from the eigenvalues of S1 S2).
+    """
+    metric_fid = require("torch_fidelity.metric_fid", "FID", "torch-fidelity")
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    if mu1.ndim != 1 or mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(
+            f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}; "
+            f"both sets must come from the same feature extractor and layer."
+        )
+    out = metric_fid.fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False)
+    return float(out[metric_fid.KEY_METRIC_FID])
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> Tuple[float, float]:
+    """
+    Inception Score exp(E_x KL(p(y|x) || p(y))) from class logits `(N, K)` (Salimans et al. 2016), mean and
+    std over `splits` chunks (torch-fidelity's implementation: fixed shuffle, seed 2020); `splits` is
+    capped at N.
+    """
+    metric_isc = require("torch_fidelity.metric_isc", "the Inception Score", "torch-fidelity")
+    logits = torch.as_tensor(logits).detach().cpu()
+    if logits.ndim != 2 or logits.shape[0] < 1:
+        raise ValueError(f"`logits` must have shape (N, num_classes) with N >= 1, got {tuple(logits.shape)}.")
+    check_positive_int("splits", splits)
+    out = metric_isc.isc_features_to_metric(logits.float(), splits=min(splits, logits.shape[0]))
+    return float(out[metric_isc.KEY_METRIC_ISC_MEAN]), float(out[metric_isc.KEY_METRIC_ISC_STD])
+
+
+def precision_recall(
+    sample_features: torch.Tensor, reference_features: torch.Tensor, neighborhood: int = 3, batch_size: int = 10000
+) -> Tuple[float, float]:
+    """
+    Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds, k = `neighborhood`
+    (3 as in ADM's evaluator), by torch-fidelity: precision = fraction of samples inside the reference
+    manifold (the union of balls reaching each reference point's k-th neighbour), recall = fraction of
+    reference points inside the sample manifold.
+    """
+    metric_prc = require("torch_fidelity.metric_prc", "precision/recall", "torch-fidelity")
+    sample_features = torch.as_tensor(sample_features).detach().float().flatten(1)
+    reference_features = torch.as_tensor(reference_features).detach().float().flatten(1)
+    check_positive_int("neighborhood", neighborhood)
+    if sample_features.shape[1] != reference_features.shape[1]:
+        raise ValueError(
+            f"sample features have dim {sample_features.shape[1]} but reference features {reference_features.shape[1]}: "
+            f"both sets must come from the same feature extractor."
+        )
+    for label, features in (("sample", sample_features), ("reference", reference_features)):
+        if features.shape[0] <= neighborhood:
+            raise ValueError(
+                f"precision/recall with `neighborhood`={neighborhood} needs more than {neighborhood} {label} "
+                f"features, got {features.shape[0]}."
+            )
+    return metric_prc.calculate_precision_recall_part(sample_features, reference_features, neighborhood, batch_size)
+
+
+def generation_metrics_from_features(
+    sample_features: Dict[str, torch.Tensor],
+    reference_features: Dict[str, torch.Tensor],
+    metric_suffix: str = "",
+    neighborhood: int = 3,
+    splits: int = 10,
+) -> Dict[str, float]:
+    """
+    FID, sFID, IS and precision/recall from extracted features (dicts with `"pool"` and optionally
+    `"spatial"` and `"logits"`, as returned by `extract_features`). Keys: `FID{suffix}`, `sFID{suffix}`
+    (when both have `"spatial"`), `IS{suffix}` and `IS{suffix}_std` (when the samples have `"logits"`),
+    `precision{suffix}`, `recall{suffix}`.
+    """
+    for label, features in (("sample_features", sample_features), ("reference_features", reference_features)):
+        if not isinstance(features, dict) or "pool" not in features:
+            raise ValueError(f"`{label}` must be a dict with a 'pool' entry, got {type(features).__name__}.")
+    metrics: Dict[str, float] = {}
+    pool_s, pool_r = sample_features["pool"], reference_features["pool"]
+    if pool_s.shape[1:] != pool_r.shape[1:]:
+        raise ValueError(
+            f"sample 'pool' features have shape {tuple(pool_s.shape[1:])} but reference ones {tuple(pool_r.shape[1:])}: "
+            f"both sets must come from the same feature extractor."
+        )
+    metrics[f"FID{metric_suffix}"] = frechet_distance(*gaussian_statistics(pool_s), *gaussian_statistics(pool_r))
+    if "spatial" in sample_features and "spatial" in reference_features:
+        metrics[f"sFID{metric_suffix}"] = frechet_distance(
+            *gaussian_statistics(sample_features["spatial"]), *gaussian_statistics(reference_features["spatial"])
+        )
+    if "logits" in sample_features:
+        metrics[f"IS{metric_suffix}"], metrics[f"IS{metric_suffix}_std"] = inception_score(sample_features["logits"], splits)
+    precision, recall = precision_recall(pool_s, pool_r, neighborhood)
+    metrics[f"precision{metric_suffix}"], metrics[f"recall{metric_suffix}"] = precision, recall
+    return metrics
+
+
+@torch.inference_mode()
+def extract_features(
+    images: ImageSource,
+    feature_extractor: Union[str, FeatureExtractor, Callable],
+    batch_size: int = 50,
+    resolution: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    description: str = "features",
+    **extractor_kwargs,
+) -> Dict[str, torch.Tensor]:
+    """All features of an image source: dict of CPU float32 tensors `(N, D)` (keys of the extractor)."""
+    extractor = build_feature_extractor(feature_extractor, **extractor_kwargs)
+    device = resolve_device(device)
+    extractor.to(device).eval()
+    batches = image_batches(images, batch_size=batch_size, resolution=resolution, max_samples=max_samples, num_workers=num_workers)
+    collected: Dict[str, list] = {}
+    for batch in progress_bar(batches, progress, desc=description, total=_num_batches(batches), unit="batch"):
+        for key, value in extractor(batch.to(device)).items():
+            if value is not None:
+                collected.setdefault(key, []).append(value.float().cpu())
+    return {key: torch.cat(values) for key, values in collected.items()}
+
+
+def _num_batches(batches) -> Optional[int]:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def evaluate_generation(
+    samples: ImageSource,
+    reference: ImageSource,
+    feature_extractor: Union[str, FeatureExtractor, Callable] = "inception",
+    batch_size: int = 50,
+    resolution: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    num_workers: int = 0,
+    neighborhood: int = 3,
+    splits: int = 10,
+    inception_weights: Optional[str] = None,
+    allow_download: bool = True,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    r"""
+    Generation metrics between generated `samples` and `reference` images: FID, sFID, IS (of the samples),
+    precision and recall.
+
+    Args:
+        samples, reference: image sources (folder, .npz/.npy, tensor, `datasets` dataset, iterable of
+            tensors; see `ImageBatches`).
+        feature_extractor (defaults to `"inception"`): `"inception"` (standard; needs the FID weights
+            file, see `resolve_inception_weights`), `"effnet-lite0"` (offline, project-internal scores
+            labelled `-EffNetLite0`), or any `FeatureExtractor` / callable.
+        neighborhood (`int`, defaults to 3): k of the k-NN manifolds of precision/recall.
+        splits (`int`, defaults to 10): splits of the Inception Score.
+
+    Returns:
+        A JSON-ready dict: `metrics` (named with the extractor's suffix), `feature_extractor` (name,
+        whether standard, note), `num_samples`, `num_reference`, `settings`.
+    """
+    start = time.time()
+    extractor = build_feature_extractor(feature_extractor, inception_weights=inception_weights, allow_download=allow_download)
+    if extractor is None:
+        raise ValueError("`feature_extractor` must not be None for generation metrics.")
+    common = dict(batch_size=batch_size, resolution=resolution, max_samples=max_samples, device=device,
+                  num_workers=num_workers, progress=progress)
+    sample_features = extract_features(samples, extractor, description="samples", **common)
+    reference_features = extract_features(reference, extractor, description="reference", **common)
+    metrics = generation_metrics_from_features(
+        sample_features, reference_features, extractor.metric_suffix, neighborhood=neighborhood, splits=splits
+    )
+    return {
+        "metrics": metrics,
+        "feature_extractor": extractor.describe(),
+        "num_samples": int(sample_features["pool"].shape[0]),
+        "num_reference": int(reference_features["pool"].shape[0]),
+        "settings": {"resolution": resolution, "neighborhood": neighborhood, "splits": splits,
+                     "max_samples": max_samples, "device": str(resolve_device(device))},
+        "seconds": round(time.time() - start, 2),
+        "diffusers_ssreg_version": __version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction evaluation loop
+# --------------------------------------------------------------------------------------------
+
+
+def reconstruction_fn(
+    vae, sample_posterior: bool = False, generator: Optional[torch.Generator] = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`pixel_values -> reconstruction` for an AutoencoderKL-like model (`encode(...).latent_dist`, `decode(...).sample`) or a callable."""
+    if hasattr(vae, "encode") and hasattr(vae, "decode"):
+        from .latent import as_decoder, as_encoder
+
+        encode = as_encoder(vae, sample_posterior=sample_posterior, generator=generator)
+        decode = as_decoder(vae)
+        return lambda pixel_values: decode(encode(pixel_values))
+    if callable(vae):
+        return vae
+    raise TypeError(f"`vae` must be an AutoencoderKL (or have encode/decode) or a callable, got {type(vae).__name__}.")
+
+
+def _module_device(model) -> Optional[torch.device]:
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return None
+
+
+@torch.inference_mode()
+def evaluate_reconstruction(
+    vae,
+    images: ImageSource,
+    batch_size: int = 16,
+    resolution: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    lpips_net: Optional[str] = "vgg",
+    lpips_model: Optional[torch.nn.Module] = None,
+    feature_extractor: Union[str, FeatureExtractor, Callable, None] = None,
+    sample_posterior: bool = False,
+    quantize_outputs: bool = True,
+    device: Union[str, torch.device, None] = None,
+    num_workers: int = 0,
+    inception_weights: Optional[str] = None,
+    allow_download: bool = True,
+    generator: Optional[torch.Generator] = None,
+    return_per_image: bool = False,
+    progress: bool = True,
+    description: str = "reconstruction",
+) -> Dict[str, Any]:
+    r"""
+    Reconstruction metrics of `vae` over `images`: PSNR, SSIM, LPIPS (means over images) and rFID (FID between
+    the originals and their reconstructions).
+
+    Args:
+        vae: a diffusers `AutoencoderKL` (anything with `encode(...).latent_dist` and `decode(...).sample`),
+            or a callable `pixel_values -> reconstruction`.
+        images: an image source (see `ImageBatches`).
+        lpips_net (`str`, *optional*, defaults to `"vgg"`): LPIPS backbone ("vgg", "alex", "squeeze"); `None`
+            skips LPIPS. Needs torchvision's ImageNet backbone weights (see `build_lpips`).
+        lpips_model (`torch.nn.Module`, *optional*): an LPIPS module to use instead of building one.
+        feature_extractor (*optional*): features for rFID: `"inception"` (standard rFID), `"effnet-lite0"`
+            (offline, reported as `rFID-EffNetLite0`), a `FeatureExtractor`/callable, or `None` (no rFID).
+        sample_posterior (`bool`, defaults to `False`): decode a posterior sample instead of the mean.
+        quantize_outputs (`bool`, defaults to `True`): round reconstructions to 8 bits first, as when they are
+            saved as PNG (the inputs read from image files already are).
+        device (*optional*): where to run; by default the VAE's device (a callable: CUDA when available).
+
+    Returns:
+        A JSON-ready dict: `metrics` (`PSNR` (dB), `SSIM`, `LPIPS`, `rFID{suffix}`), `num_images`,
+        `feature_extractor`, `settings`, and `per_image` lists when `return_per_image`.
+    """
+    start = time.time()
+    device = resolve_device(device) if device is not None else (_module_device(vae) or resolve_device(None))
+    reconstruct = reconstruction_fn(vae, sample_posterior=sample_posterior, generator=generator)
+    skipped = {}
+    if lpips_model is None and lpips_net is not None:
+        from ..losses import build_lpips
+
+        lpips_model = build_lpips(lpips_net, pretrained_backbone=True)
+    if lpips_model is not None:
+        lpips_model = lpips_model.to(device).eval()
+    else:
+        skipped["LPIPS"] = "lpips_net=None"
+    extractor = build_feature_extractor(feature_extractor, inception_weights=inception_weights, allow_download=allow_download)
+    if extractor is not None:
+        extractor = extractor.to(device).eval()
+        stats_real, stats_fake = GaussianStatistics(), GaussianStatistics()
+    else:
+        skipped["rFID"] = "feature_extractor=None"
+
+    batches = image_batches(images, batch_size=batch_size, resolution=resolution, max_samples=max_samples, num_workers=num_workers)
+    per_image: Dict[str, list] = {"PSNR": [], "SSIM": [], "LPIPS": []}
+    for batch in progress_bar(batches, progress, desc=description, total=_num_batches(batches), unit="batch"):
+        batch = batch.to(device)
+        recon = reconstruct(batch).float().clamp(-1, 1)
+        if recon.shape != batch.shape:
+            raise ValueError(
+                f"the reconstruction has shape {tuple(recon.shape)} but the input {tuple(batch.shape)}; image sizes must "
+                f"be multiples of the VAE's downsampling factor (pass `resolution`)."
+            )
+        if quantize_outputs:
+            recon = quantize(recon)
+        per_image["PSNR"].append(psnr(recon, batch).cpu())
+        per_image["SSIM"].append(ssim(recon, batch).cpu())
+        if lpips_model is not None:
+            per_image["LPIPS"].append(lpips_model(recon, batch).flatten(1).mean(1).double().cpu())
+        if extractor is not None:
+            stats_real.update(extractor(batch)["pool"])
+            stats_fake.update(extractor(recon)["pool"])
+
+    values = {k: torch.cat(v) for k, v in per_image.items() if v}
+    metrics: Dict[str, float] = {}
+    for key, value in values.items():
+        # A perfect reconstruction has PSNR inf; the mean is then inf too, which JSON stores as "inf".
+        metrics[key] = float(value.mean())
+    num_images = int(values["PSNR"].shape[0])
+    if extractor is not None:
+        metrics[f"rFID{extractor.metric_suffix}"] = frechet_distance(*stats_real.compute(), *stats_fake.compute())
+    result = {
+        "metrics": metrics,
+        "num_images": num_images,
+        "feature_extractor": extractor.describe() if extractor is not None else None,
+        "skipped": skipped,
+        "settings": {
+            "resolution": resolution, "batch_size": batch_size, "max_samples": max_samples,
+            "lpips_net": lpips_net if lpips_model is not None else None, "sample_posterior": sample_posterior,
+            "quantize_outputs": quantize_outputs, "device": str(device),
+        },
+        "seconds": round(time.time() - start, 2),
+        "diffusers_ssreg_version": __version__,
+    }
+    if return_per_image:
+        result["per_image"] = {k: v.tolist() for k, v in values.items()}
+    return result
+

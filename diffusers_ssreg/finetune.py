@@ -1,0 +1,227 @@
+"""What `examples/finetune_vae.py` needs beyond the shared training layer: the demo default, VAE
+loading with clear errors, validation (metrics, reconstruction grid, blur-dynamics plot) and the card."""
+
+import json
+import logging
+import os
+from typing import Dict, Optional
+
+import torch
+from diffusers import AutoencoderKL
+
+
+logger = logging.getLogger(__name__)
+
+FLUX_VAE = "black-forest-labs/FLUX.1-schnell"
+
+# Flags whose default differs between a real run and the offline demo: name -> (real, demo).
+DEMO_FLAGS = {
+    "resolution": (256, 64),
+    "train_batch_size": (32, 8),
+    "learning_rate": (1e-5, 1e-3),
+    "max_train_steps": (None, 300),
+}
+# The demo trains a random-init VAE from scratch on CPU: nothing is pretrained, so no block is frozen,
+# and LPIPS is off (its VGG backbone needs a download). Every flag can still override these.
+DEMO_SSREG_DEFAULTS = {"freeze_encoder_blocks": 0, "freeze_decoder_blocks": 0, "lambda_lpips": 0.0}
+
+FLUX_COMMAND = (
+    "accelerate launch examples/finetune_vae.py --pretrained_model_name_or_path "
+    f"{FLUX_VAE} --subfolder vae --train_data_dir /path/to/images --resolution 256 "
+    "--train_batch_size 32 --learning_rate 1e-5 --max_train_steps 50000 --mixed_precision bf16 "
+    "--output_dir flux-vae-ssreg"
+)
+
+
+def demo_vae(seed: int = 0) -> AutoencoderKL:
+    """A small random-init VAE of the Flux VAE's architecture (16 latent channels, factor 8, no quant convs)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def load_vae(args) -> AutoencoderKL:
+    """The AutoencoderKL named by --pretrained_model_name_or_path or --model_config_name_or_path, with clear errors."""
+    source = args.pretrained_model_name_or_path or args.model_config_name_or_path
+    try:
+        if args.pretrained_model_name_or_path:
+            model = AutoencoderKL.from_pretrained(
+                source, subfolder=args.subfolder, revision=args.revision, variant=args.variant
+            )
+        else:
+            config = AutoencoderKL.load_config(source, subfolder=args.subfolder, revision=args.revision)
+            if config.get("_class_name") not in (None, "AutoencoderKL"):
+                raise TypeError(f"it is a {config['_class_name']}")
+            model = AutoencoderKL.from_config(config)
+    except Exception as error:
+        flag = "--pretrained_model_name_or_path" if args.pretrained_model_name_or_path else "--model_config_name_or_path"
+        raise ValueError(
+            f"could not load an AutoencoderKL from {flag} {source!r} (subfolder={args.subfolder!r}): "
+            f"{type(error).__name__}: {error}. Give a Hub id or a folder holding an AutoencoderKL "
+            f"(for a pipeline repo add --subfolder vae)."
+        ) from error
+    if not isinstance(model, AutoencoderKL):
+        raise TypeError(f"{source!r} holds a {type(model).__name__}, not an AutoencoderKL.")
+    return model
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names and exact bytes): equal on every rank of a healthy DDP run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Posterior-mean reconstructions in [-1, 1], in chunks, on the VAE's device."""
+    device = next(vae.parameters()).device
+    outputs = []
+    for chunk in pixel_values.split(batch_size):
+        chunk = chunk.to(device)
+        latents = vae.encode(chunk).latent_dist.mode()
+        outputs.append(vae.decode(latents).sample.clamp(-1, 1).float().cpu())
+    return torch.cat(outputs)
+
+
+def validate_and_log(regularizer, pixel_values: torch.Tensor, accelerator, step: int, output_dir: str) -> Dict[str, float]:
+    """PSNR/SSIM/LPIPS on the fixed batch, a reconstruction grid and the blur-dynamics plot, to disk and trackers."""
+    from torchvision.utils import make_grid, save_image
+
+    from .evaluation.latent import blur_dynamics
+    from .evaluation.metrics import psnr, ssim
+    from .evaluation.plots import plot_blur_dynamics
+
+    vae = regularizer.vae
+    was_training = vae.training
+    vae.eval()
+    with accelerator.autocast():
+        recon = reconstruct(vae, pixel_values)
+    metrics = {
+        "psnr": psnr(recon, pixel_values).mean().item(),
+        "ssim": ssim(recon, pixel_values).mean().item(),
+    }
+    if regularizer.lpips is not None:
+        with torch.no_grad():
+            device = next(regularizer.lpips.parameters()).device
+            values = regularizer.lpips(recon.to(device), pixel_values.to(device))
+        metrics["lpips"] = values.mean().item()
+
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    shown = min(8, len(pixel_values))
+    grid = make_grid(torch.cat([pixel_values[:shown], recon[:shown]]).add(1).div(2).clamp(0, 1), nrow=shown)
+    save_image(grid, os.path.join(folder, f"reconstruction-{step:06d}.png"))
+
+    with accelerator.autocast():
+        dynamics = blur_dynamics(vae, pixel_values, num_images=min(4, len(pixel_values)))
+    figure = plot_blur_dynamics({f"step {step}": dynamics})
+    figure.savefig(os.path.join(folder, f"blur-dynamics-{step:06d}.png"), dpi=100)
+    metrics["blur_coherence"] = float(dynamics.coherence)
+    with open(os.path.join(folder, f"metrics-{step:06d}.json"), "w") as f:
+        json.dump({"step": step, **metrics}, f, indent=2)
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/reconstruction", grid, step)
+            tracker.writer.add_figure("validation/blur_dynamics", figure, step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation/reconstruction": wandb.Image(grid), "validation/blur_dynamics": wandb.Image(figure)})
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
+    logger.info(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    vae.train(was_training)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------
+
+
+def transition_summary(regularizer) -> str:
+    """A one-line description of the learned A: its diagonal (or norm) and how far it moved from the init."""
+    from .basis import transition_matrix
+
+    learned = regularizer.transition_matrix().detach().float().cpu()
+    initial = transition_matrix(regularizer.config.basis, regularizer.grid, seed=regularizer.config.random_seed)
+    change = (learned - initial).norm() / initial.norm().clamp_min(1e-12)
+    diagonal = ", ".join(f"{v:.3f}" for v in torch.diagonal(learned).tolist())
+    return f"diagonal [{diagonal}]; relative change from the initial A: {change:.3e}"
+
+
+def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]], data_description, total_batch, accelerator):
+    """Renders model_cards/vae_card.md into `output_dir/README.md`."""
+    from .hub import render_model_card
+
+    vae = regularizer.vae
+    base = args.pretrained_model_name_or_path
+    card = render_model_card(
+        "vae_card.md",
+        base_model=base if base and not os.path.isdir(base) else None,
+        tags=["autoencoderkl", "vae", "ssreg", "state-space-regularization"],
+        model_name=os.path.basename(os.path.normpath(args.output_dir)),
+        repo_id=args.hub_model_id or args.output_dir,
+        demo_note=(
+            "This checkpoint comes from the offline demo: a small random-init VAE trained for a few minutes on "
+            "scikit-image's sample photos. It is a smoke test, not a useful model."
+            if args.demo
+            else None
+        ),
+        basis=regularizer.config.basis,
+        latent_channels=vae.config.latent_channels,
+        downsampling_factor=2 ** (len(vae.config.block_out_channels) - 1),
+        scaling_factor=vae.config.scaling_factor,
+        shift_factor=vae.config.shift_factor,
+        base_model_name=base or ("random init (demo)" if args.demo else args.model_config_name_or_path),
+        dataset_description=data_description,
+        max_train_steps=args.max_train_steps,
+        total_batch_size=total_batch,
+        train_batch_size=args.train_batch_size,
+        num_processes=accelerator.num_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        resolution=args.resolution,
+        learning_rate=args.learning_rate,
+        ssm_lr=args.learning_rate * regularizer.config.ssm_lr_scale,
+        lr_schedule=(
+            f"warm-up from {args.lr_warmup_start} over {args.lr_warmup_ratio:.0%} of steps, constant, cosine to "
+            f"{args.lr_min} over the last {args.lr_decay_ratio:.0%}"
+        ),
+        max_grad_norm=args.max_grad_norm,
+        mixed_precision=accelerator.mixed_precision,
+        ssreg_config={k: v for k, v in regularizer.config.to_dict().items() if not k.startswith("_")} | {
+            "grid": list(regularizer.grid)
+        },
+        delta=f"{regularizer.delta.item():.5f}",
+        grid=f"{regularizer.grid[0]} x {regularizer.grid[1]}",
+        transition_summary=transition_summary(regularizer),
+        metrics={k: f"{v:.4f}" for k, v in (metrics or {}).items()},
+        metrics_description="posterior-mean reconstructions; PSNR in dB on [0, 1] pixels",
+    )
+    card.save(os.path.join(args.output_dir, "README.md"))

@@ -1,0 +1,407 @@
+#!/usr/bin/env python
+"""
+Fine-tune a diffusers AutoencoderKL with Structured State-Space Regularization (arXiv 2604.11089).
+
+    accelerate launch examples/finetune_vae.py \
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-schnell --subfolder vae \
+        --train_data_dir /path/to/images --output_dir flux-vae-ssreg
+
+With no model and no data arguments it runs an offline demo: a small random-init Flux-architecture
+VAE trained on real photographs shipped with scikit-image. The result is a stock `AutoencoderKL`
+folder (`AutoencoderKL.from_pretrained(output_dir)`), the regularizer's state in `output_dir/ssreg`
+and Accelerate checkpoints in `output_dir/checkpoint-*`.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from diffusers_ssreg import REGULARIZER_SUBFOLDER, StateSpaceRegularizer
+from diffusers_ssreg import data as ssreg_data
+from diffusers_ssreg.config import add_config_arguments, config_from_args
+from diffusers_ssreg.hub import push_folder
+from diffusers_ssreg.training import (
+    NonFiniteGuard,
+    get_paper_scheduler,
+    read_training_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
+from diffusers_ssreg.finetune import (
+    DEMO_FLAGS,
+    DEMO_SSREG_DEFAULTS,
+    FLUX_COMMAND,
+    demo_vae,
+    load_vae,
+    validate_and_log,
+    weights_checksum,
+    write_vae_model_card,
+)
+
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    # model
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or folder of an AutoencoderKL.")
+    parser.add_argument("--subfolder", type=str, default=None, help="Subfolder of the VAE, e.g. 'vae' in a pipeline repo.")
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None, help="Weight variant, e.g. 'fp16'.")
+    parser.add_argument("--model_config_name_or_path", type=str, default=None, help="Start from this config, random init.")
+    # data
+    parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` name on the Hub or a local dataset.")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--train_split", type=str, default="train")
+    parser.add_argument("--validation_split", type=str, default=None, help="Split of --dataset_name for validation.")
+    parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image feature).")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (recursive; jpg, png, webp).")
+    parser.add_argument("--validation_data_dir", type=str, default=None, help="Folder of held-out validation images.")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--num_validation_images", type=int, default=8, help="Size of the fixed validation batch.")
+    parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default 256; demo 64).")
+    parser.add_argument("--center_crop", action="store_true", help="Center instead of random crops.")
+    parser.add_argument("--no_random_flip", action="store_true", help="Disable random horizontal flips.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # optimization
+    parser.add_argument("--output_dir", type=str, default="ssreg-vae")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=None, help="Per-device batch size (default 32; demo 8).")
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=None, help="Base LR (default 1e-5, the paper's Flux value).")
+    parser.add_argument("--lr_warmup_start", type=float, default=1e-7, help="LR at step 0 of the warm-up.")
+    parser.add_argument("--lr_min", type=float, default=1e-6, help="LR at the end of the cosine decay.")
+    parser.add_argument("--lr_warmup_ratio", type=float, default=0.1)
+    parser.add_argument("--lr_decay_ratio", type=float, default=0.5)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=50.0)
+    parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many NaN/inf steps in a row.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--use_torch_compile", action="store_true", help="torch.compile the VAE's encoder and decoder.")
+    # logging, validation, checkpoints, hub
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--logging_steps", type=int, default=10, help="Read losses back from the device every N steps.")
+    parser.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps (default: 10 times a run).")
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_private", action="store_true")
+    add_config_arguments(parser)
+
+    args = parser.parse_args(input_args)
+    args.demo = not any(
+        [args.pretrained_model_name_or_path, args.model_config_name_or_path, args.dataset_name, args.train_data_dir]
+    )
+    for name, (default, demo_default) in DEMO_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, demo_default if args.demo else default)
+
+    # --- cross-argument checks: fail before any work ---
+    if args.pretrained_model_name_or_path and args.model_config_name_or_path:
+        raise ValueError("give either --pretrained_model_name_or_path or --model_config_name_or_path, not both.")
+    if args.dataset_name and args.train_data_dir:
+        raise ValueError("give either --dataset_name or --train_data_dir, not both.")
+    if not args.demo and not (args.dataset_name or args.train_data_dir):
+        raise ValueError("a model was given but no data: pass --train_data_dir or --dataset_name (or neither, for the demo).")
+    if args.validation_split and not args.dataset_name:
+        raise ValueError("--validation_split needs --dataset_name.")
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("--hub_token with --report_to wandb would expose the token: use `huggingface-cli login`.")
+    for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                 "logging_steps", "checkpointing_steps", "num_validation_images"):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    args.ssreg_config = config_from_args(args, defaults=DEMO_SSREG_DEFAULTS if args.demo else None)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def build_datasets(args):
+    """The training dataset and the fixed validation batch `(N, 3, R, R)`."""
+    flip = not args.no_random_flip
+    if args.demo:
+        train_transform = ssreg_data.random_scale_crop_transform(args.resolution, random_flip=flip)
+        photos = ssreg_data.embedded_photos("train")
+        train = ssreg_data.ImageDataset(photos, train_transform, length=64 * len(photos), seed=args.seed)
+        per_image = max(1, math.ceil(args.num_validation_images / len(ssreg_data.EMBEDDED_VALIDATION_PHOTOS)))
+        validation = ssreg_data.fixed_crops(ssreg_data.embedded_photos("validation"), args.resolution, per_image, args.seed)
+        return train, validation[: args.num_validation_images], "the offline demo's scikit-image photographs"
+
+    train_transform = ssreg_data.image_transform(args.resolution, args.center_crop, flip)
+    eval_transform = ssreg_data.image_transform(args.resolution, center_crop=True, random_flip=False)
+    if args.train_data_dir:
+        train = ssreg_data.folder_image_dataset(args.train_data_dir, train_transform, seed=args.seed)
+        description = f"images from `{os.path.basename(os.path.normpath(args.train_data_dir))}`"
+    else:
+        train = ssreg_data.hub_image_dataset(
+            args.dataset_name, train_transform, args.train_split, args.dataset_config_name, args.image_column,
+            cache_dir=args.cache_dir, max_samples=args.max_train_samples, seed=args.seed,
+        )  # fmt: skip
+        description = f"[{args.dataset_name}](https://huggingface.co/datasets/{args.dataset_name}) ({args.train_split})"
+    if args.validation_data_dir:
+        held_out = ssreg_data.folder_image_dataset(args.validation_data_dir, eval_transform)
+    elif args.validation_split:
+        held_out = ssreg_data.hub_image_dataset(
+            args.dataset_name, eval_transform, args.validation_split, args.dataset_config_name, args.image_column,
+            cache_dir=args.cache_dir, max_samples=args.num_validation_images, seed=args.seed,
+        )  # fmt: skip
+    else:  # hold out the first images of the training data
+        count = args.num_validation_images
+        if len(train.items) <= count:
+            raise ValueError(f"the training data has {len(train.items)} images, too few to hold out {count} for validation.")
+        held_items = train.items.select(range(count)) if hasattr(train.items, "select") else train.items[:count]
+        train.items = train.items.select(range(count, len(train.items))) if hasattr(train.items, "select") else train.items[count:]
+        train.length = len(train.items)
+        held_out = ssreg_data.ImageDataset(held_items, eval_transform, load=train.load)
+        logger.info(f"No validation data given: holding out the first {count} training images.")
+    validation = torch.stack([held_out[i]["pixel_values"] for i in range(min(len(held_out), args.num_validation_images))])
+    return train, validation, description
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.demo:
+        logger.info(
+            "No model and no data given: running the OFFLINE DEMO (a small random-init Flux-architecture VAE on "
+            "scikit-image's sample photos). To fine-tune the real Flux VAE:\n  " + FLUX_COMMAND
+        )
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- model and regularizer: every input error surfaces here, before training ---
+    vae = demo_vae() if args.demo else load_vae(args)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor}.")
+    regularizer = StateSpaceRegularizer(vae, args.ssreg_config)
+    regularizer.validate_inputs = False  # the data pipeline guarantees [-1, 1]; avoids a host sync per step
+    if args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    if args.use_torch_compile:
+        vae.encoder.compile()
+        vae.decoder.compile()
+    train_dataset, validation_batch, data_description = build_datasets(args)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # --- checkpoints hold save_pretrained folders, not raw state dicts (diffusers' convention) ---
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                reg = unwrap(accelerator, model)
+                reg.vae.save_pretrained(os.path.join(output_dir, "vae"))
+                reg.save_pretrained(os.path.join(output_dir, REGULARIZER_SUBFOLDER))
+                if weights:
+                    weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            reg = unwrap(accelerator, models.pop())
+            loaded = AutoencoderKL.from_pretrained(input_dir, subfolder="vae")
+            reg.vae.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its parameters
+            reg.load_regularizer_state(os.path.join(input_dir, REGULARIZER_SUBFOLDER))
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    optimizer = torch.optim.AdamW(
+        regularizer.parameter_groups(args.learning_rate),
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=torch.cuda.is_available(),
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=ssreg_data.collate_examples,
+        num_workers=args.dataloader_num_workers,
+    )
+    if len(train_dataloader) == 0:
+        raise ValueError(f"{len(train_dataset)} training images make no full batch of {args.train_batch_size}.")
+    updates_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    # Accelerate steps the scheduler once per process per update: count in those units (as diffusers does).
+    lr_scheduler = get_paper_scheduler(
+        optimizer, args.max_train_steps * accelerator.num_processes, args.learning_rate,
+        warmup_start_lr=args.lr_warmup_start, min_lr=args.lr_min,
+        warmup_ratio=args.lr_warmup_ratio, decay_ratio=args.lr_decay_ratio,
+    )  # fmt: skip
+    regularizer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        regularizer, optimizer, train_dataloader, lr_scheduler
+    )
+    raw = unwrap(accelerator, regularizer)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    validation_steps = args.validation_steps or max(1, args.max_train_steps // 10)
+
+    if accelerator.is_main_process and accelerator.trackers == [] and args.report_to != "none":
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        tracker_config.update({f"ssreg/{k}": str(v) for k, v in args.ssreg_config.to_dict().items()})
+        accelerator.init_trackers("finetune_vae_ssreg", config=tracker_config)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}; validation images = {len(validation_batch)}")
+    logger.info(f"  Epochs = {num_epochs}; total batch size = {total_batch}; optimization steps = {args.max_train_steps}")
+    logger.info(f"  Trainable VAE params = {sum(p.numel() for p in raw.parameter_groups(1.0)[0]['params']):,}")
+    logger.info(f"  SSReg: {args.ssreg_config}")
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info("No checkpoint found in the output folder: starting a new run.")
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        global_step = read_training_state(checkpoint)["global_step"]
+        first_epoch = global_step // updates_per_epoch
+        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    sums, count, last_log_time = None, 0, time.perf_counter()
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            regularizer.train()
+            train_dataset.set_epoch(epoch)
+            train_dataloader.set_epoch(epoch)
+            loader = train_dataloader
+            if epoch == first_epoch and skip_batches:
+                loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+            for batch in loader:
+                with accelerator.accumulate(regularizer):
+                    output = regularizer(batch["pixel_values"])
+                    accelerator.backward(output.loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                        if guard.check(grad_norm, global_step + 1):
+                            optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                scalars = output.scalars()
+                sums = scalars if sums is None else {k: sums[k] + v for k, v in scalars.items()}
+                count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                raw.update_ema()
+                global_step += 1
+                progress.update(1)
+
+                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                    means = {k: (v / count).item() for k, v in accelerator.reduce(sums, reduction="mean").items()}
+                    means["lr"] = lr_scheduler.get_last_lr()[0]
+                    means["grad_norm"] = float(grad_norm)
+                    means["img_per_s"] = count * args.train_batch_size * accelerator.num_processes / (
+                        time.perf_counter() - last_log_time
+                    )
+                    accelerator.log({f"train/{k}": v for k, v in means.items()}, step=global_step)
+                    progress.set_postfix(loss=f"{means['loss']:.4f}", latent=f"{means['latent_mse']:.4f}", lr=f"{means['lr']:.2e}")
+                    sums, count, last_log_time = None, 0, time.perf_counter()
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if accelerator.is_main_process and (global_step % validation_steps == 0 or global_step == 1):
+                    validate_and_log(raw, validation_batch, accelerator, global_step, args.output_dir)
+                if global_step >= args.max_train_steps:
+                    break
+    except KeyboardInterrupt:
+        logger.warning(
+            f"Interrupted at step {global_step}. Checkpoints already saved are complete; resume with "
+            f"--resume_from_checkpoint latest."
+        )
+        accelerator.end_training()
+        raise
+
+    # --- the result: a stock AutoencoderKL folder, the regularizer beside it, a model card ---
+    accelerator.wait_for_everyone()
+    if global_step % args.checkpointing_steps:
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    checksums = gather_object([weights_checksum(raw.vae)])  # every rank must hold the same weights
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "rank_checksums.json"), "w") as f:
+            json.dump(checksums, f)
+        if len(set(checksums)) > 1:
+            raise RuntimeError(f"ranks ended with different weights: {checksums}")
+    if accelerator.is_main_process:
+        metrics = validate_and_log(raw, validation_batch, accelerator, global_step, args.output_dir)
+        vae = raw.unwrap()
+        export_tmp = os.path.join(args.output_dir, ".export.tmp")
+        shutil.rmtree(export_tmp, ignore_errors=True)
+        vae.save_pretrained(export_tmp)  # written aside, then moved in: never a half-written VAE in output_dir
+        for name in os.listdir(export_tmp):
+            os.replace(os.path.join(export_tmp, name), os.path.join(args.output_dir, name))
+        os.rmdir(export_tmp)
+        raw.save_pretrained(os.path.join(args.output_dir, REGULARIZER_SUBFOLDER))
+        write_vae_model_card(args, raw, metrics, data_description, total_batch, accelerator)
+        logger.info(f"Saved the fine-tuned VAE to {args.output_dir} (load it with AutoencoderKL.from_pretrained).")
+        if args.push_to_hub:
+            repo_id = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,230 @@
+"""examples/finetune_vae.py end to end, through real `accelerate launch` subprocesses (CPU, offline)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "finetune_vae.py")
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import finetune_vae  # noqa: E402
+
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[8, 16],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=32,
+)
+FAST = ["--resolution", "32", "--train_batch_size", "2", "--learning_rate", "1e-3", "--num_validation_images", "2",
+        "--ssreg_lambda_lpips", "0", "--ssreg_freeze_encoder_blocks", "1", "--ssreg_freeze_decoder_blocks", "1",
+        "--ssreg_alpha", "0.5", "--report_to", "tensorboard", "--logging_steps", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny VAE config folder and a small folder of real photo crops (scikit-image), with one broken file."""
+    from skimage import data as skdata
+
+    root = tmp_path_factory.mktemp("finetune")
+    config_dir = root / "tiny_vae"
+    AutoencoderKL(**TINY_VAE).save_config(config_dir)
+    images = root / "images" / "nested"
+    images.mkdir(parents=True)
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        photo = photos[i % len(photos)]
+        top, left = rng.integers(0, photo.shape[0] - 96), rng.integers(0, photo.shape[1] - 96)
+        Image.fromarray(photo[top : top + 96, left : left + 96]).save(images / f"photo_{i:02d}.png")
+    (images / "corrupt.jpg").write_bytes(b"\x00garbage")
+    return {"root": root, "config": str(config_dir), "images": str(root / "images")}
+
+
+def launch(args, num_processes=1, check=True, env_extra=None, **popen):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env_extra or {}))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    command += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    command += [SCRIPT, *args]
+    if popen:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def base_args(workspace, output_dir, steps):
+    return ["--model_config_name_or_path", workspace["config"], "--train_data_dir", workspace["images"],
+            "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--seed", "3", *FAST]  # fmt: skip
+
+
+def vae_weights(folder):
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_train_checkpoint_resume_and_export(workspace, tmp_path):
+    output = tmp_path / "run"
+    result = launch(base_args(workspace, output, 4) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2"])
+    log = result.stdout + result.stderr
+    assert "Skipping unreadable image" in log and "corrupt.jpg" in log
+    assert sorted(p for p in os.listdir(output) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    for sub in ("vae", "ssreg"):
+        assert os.path.isdir(output / "checkpoint-4" / sub)
+    assert not (output / "checkpoint-4" / "model.safetensors").exists()  # save_pretrained folders instead
+    # the exported VAE is the VAE alone, with a card, the regularizer apart
+    config = json.loads((output / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and not any("ssreg" in k or "tau" in k for k in config)
+    card = (output / "README.md").read_text()
+    assert "library_name: diffusers" in card and "ssreg" in card and "| `alpha` | `0.5` |" in card
+    assert (output / "ssreg" / "ssreg_config.json").is_file()
+    assert any(name.startswith("reconstruction-") for name in os.listdir(output / "validation"))
+    assert any(name.startswith("blur-dynamics-") for name in os.listdir(output / "validation"))
+    assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(output / "logs") for name in files)
+
+    # resume from latest: continues at step 4 up to 6 (the schedule length stays the run's own)
+    resumed = launch(base_args(workspace, output, 6) + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in resumed.stdout + resumed.stderr and "checkpoint-4" in resumed.stdout + resumed.stderr
+    assert json.loads((output / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
+
+    # stock diffusers loads the export in a process that never imports diffusers_ssreg
+    probe = (
+        "import sys, torch; from diffusers import AutoencoderKL;"
+        f"vae = AutoencoderKL.from_pretrained({str(output)!r});"
+        "x = torch.zeros(1, 3, 32, 32); print(vae.decode(vae.encode(x).latent_dist.mode()).sample.shape);"
+        "assert 'diffusers_ssreg' not in sys.modules"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([1, 3, 32, 32])" in out.stdout
+
+
+def test_interrupted_run_resumed_matches_uninterrupted(workspace, tmp_path):
+    steps = ["--checkpointing_steps", "3"]
+    straight = tmp_path / "straight"
+    launch(base_args(workspace, straight, 12) + steps)
+
+    # Ctrl-C (SIGINT to the whole process group) once the first checkpoint is complete.
+    interrupted = tmp_path / "interrupted"
+    process = launch(base_args(workspace, interrupted, 12) + steps, start_new_session=True, popen=True)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, "the run finished before it could be interrupted:\n" + output[-2000:]
+    assert not (interrupted / "diffusion_pytorch_model.safetensors").exists()
+    assert not any(p.endswith(".tmp") for p in os.listdir(interrupted) if p.startswith("checkpoint-12"))
+
+    launch(base_args(workspace, interrupted, 12) + steps + ["--resume_from_checkpoint", "latest"])
+    assert max_difference(vae_weights(straight), vae_weights(interrupted)) < 1e-6
+    a = load_file(straight / "ssreg" / "ssreg_state.safetensors")
+    b = load_file(interrupted / "ssreg" / "ssreg_state.safetensors")
+    assert max_difference(a, b) < 1e-6
+
+
+def test_two_process_cpu_run_keeps_ranks_identical(workspace, tmp_path):
+    output = tmp_path / "ddp"
+    launch(base_args(workspace, output, 3) + ["--checkpointing_steps", "100"], num_processes=2)
+    checksums = json.loads((output / "rank_checksums.json").read_text())
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    AutoencoderKL.from_pretrained(output)
+
+
+def test_push_to_hub_reaches_the_hub_boundary(workspace, tmp_path, monkeypatch):
+    import diffusers_ssreg.hub as hub
+
+    calls = []
+
+    class Repo:
+        repo_id = "someone/tiny-ssreg"
+
+    def fake_create_repo(repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return Repo()
+
+    def fake_upload_folder(**kwargs):
+        uploaded = sorted(
+            os.path.relpath(os.path.join(d, f), kwargs["folder_path"]) for d, _, fs in os.walk(kwargs["folder_path"]) for f in fs
+        )
+        calls.append(("upload_folder", kwargs, uploaded))
+
+    monkeypatch.setattr(hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(hub, "upload_folder", fake_upload_folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "push"
+    args = finetune_vae.parse_args(
+        base_args(workspace, output, 2) + ["--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id",
+                                           "someone/tiny-ssreg", "--report_to", "none"]
+    )  # fmt: skip
+    finetune_vae.main(args)
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1] == "someone/tiny-ssreg" and calls[0][2]["exist_ok"] is True
+    upload = calls[1][1]
+    assert upload["repo_id"] == "someone/tiny-ssreg" and upload["folder_path"] == str(output)
+    assert any(p.startswith("checkpoint-") for p in upload["ignore_patterns"])
+    card = (output / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]  # trained from a local config: no Hub base model
+    assert "someone/tiny-ssreg" in card and "diffusers-ssreg" in card
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--pretrained_model_name_or_path", "/does/not/exist"], "could not load an AutoencoderKL"),
+        (["--resolution", "36"], "not divisible by the VAE's downsampling factor 2"),
+        (["--ssreg_grid", "3x3"], "grid"),
+        (["--ssreg_basis", "wavelet"], "basis"),
+        (["--ssreg_alpha", "2"], "alpha"),
+        (["--train_batch_size", "0"], "train_batch_size"),
+        (["--dataset_name", "x"], "either --dataset_name or --train_data_dir"),
+    ],
+)
+def test_bad_input_fails_before_training(workspace, tmp_path, extra, match):
+    args = base_args(workspace, tmp_path / "bad", 2)
+    if extra[0] == "--pretrained_model_name_or_path":
+        args = args[2:]  # drop --model_config_name_or_path
+    with pytest.raises((ValueError, TypeError), match=match):
+        finetune_vae.main(finetune_vae.parse_args(args + extra))
+    assert not any(p.startswith("checkpoint") for p in os.listdir(tmp_path / "bad")) if (tmp_path / "bad").exists() else True
+
+
+def test_bad_data_and_models(workspace, tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = base_args(workspace, tmp_path / "o", 2)
+    args[args.index("--train_data_dir") + 1] = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds no images"):
+        finetune_vae.main(finetune_vae.parse_args(args))
+    # a folder holding another diffusers model is not an AutoencoderKL
+    from diffusers import UNet2DModel
+
+    UNet2DModel(block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2, layers_per_block=1).save_pretrained(tmp_path / "unet")  # fmt: skip
+    args = base_args(workspace, tmp_path / "o", 2)[2:] + ["--pretrained_model_name_or_path", str(tmp_path / "unet")]
+    with pytest.raises(ValueError, match="AutoencoderKL"):
+        finetune_vae.main(finetune_vae.parse_args(args))

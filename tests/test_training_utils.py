@@ -1,0 +1,212 @@
+"""The shared training layer: LR schedule, atomic checkpoints, resume resolution, NaN guard, data sources."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_ssreg import data as ssreg_data
+from diffusers_ssreg.config import SSRegConfig, add_config_arguments, config_from_args
+from diffusers_ssreg.training import (
+    NonFiniteGuard,
+    get_paper_scheduler,
+    list_checkpoints,
+    paper_lr_factor,
+    prune_checkpoints,
+    resolve_resume_checkpoint,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# LR schedule (A.5): warm-up from 1e-7 over 10 %, constant, cosine to 1e-6 over the last 50 %
+# ----------------------------------------------------------------------------------------------
+
+
+def test_paper_schedule_shape():
+    base, total = 1e-5, 1000
+    lr = [base * paper_lr_factor(s, total, base) for s in range(total + 1)]
+    assert lr[0] == pytest.approx(1e-7)
+    assert lr[50] == pytest.approx(1e-7 + (base - 1e-7) * 0.5)
+    assert all(v == pytest.approx(base) for v in lr[100:501])
+    assert lr[750] == pytest.approx(1e-6 + (base - 1e-6) * 0.5)
+    assert lr[1000] == pytest.approx(1e-6)
+    assert all(a >= b - 1e-15 for a, b in zip(lr[500:], lr[501:]))  # monotone decay
+
+
+def test_scheduler_keeps_group_ratio():
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 1e-5}, {"params": params[1:], "lr": 1e-6}])
+    scheduler = get_paper_scheduler(optimizer, 100, 1e-5)
+    for _ in range(60):
+        optimizer.step()
+        scheduler.step()
+    first, second = scheduler.get_last_lr()
+    assert second == pytest.approx(first * 0.1)
+    with pytest.raises(ValueError, match="num_training_steps"):
+        get_paper_scheduler(optimizer, 0, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint folders
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resume_never_picks_an_unfinished_checkpoint(tmp_path):
+    for name in ("checkpoint-5", "checkpoint-20", "checkpoint-30.tmp", "checkpoint-x", "logs"):
+        os.makedirs(tmp_path / name)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-5", "checkpoint-20"]
+    assert resolve_resume_checkpoint(str(tmp_path), "latest").endswith("checkpoint-20")
+    assert resolve_resume_checkpoint(str(tmp_path), "checkpoint-5").endswith("checkpoint-5")
+    assert resolve_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
+    assert resolve_resume_checkpoint(str(tmp_path), None) is None
+    with pytest.raises(ValueError, match="resume_from_checkpoint"):
+        resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
+
+
+def test_prune_keeps_room_for_one_more(tmp_path):
+    for step in (1, 2, 3, 4):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+    prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
+    prune_checkpoints(str(tmp_path), None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
+
+
+def test_nonfinite_guard_skips_then_stops():
+    guard = NonFiniteGuard(max_consecutive=3)
+    assert guard.check(torch.tensor(1.0), 1)
+    assert not guard.check(torch.tensor(float("nan")), 2)
+    assert not guard.check(torch.tensor(float("inf")), 3)
+    assert guard.check(torch.tensor(2.0), 4)  # a good step resets the count
+    assert not guard.check(torch.tensor(float("nan")), 5)
+    assert not guard.check(torch.tensor(float("nan")), 6)
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
+        guard.check(torch.tensor(float("nan")), 7)
+    assert guard.total_skipped == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# --ssreg_* flags
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_config_field_has_a_flag():
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    assert {f"ssreg_{f.name}" for f in dataclasses.fields(SSRegConfig)} <= flags
+    args = parser.parse_args(
+        ["--ssreg_basis", "legendre", "--ssreg_grid", "2x8", "--ssreg_mean_centering", "false",
+         "--ssreg_reference_resolution", "none", "--ssreg_alpha", "0"]
+    )  # fmt: skip
+    config = config_from_args(args, defaults={"lambda_lpips": 0.0})
+    assert (config.basis, config.grid, config.mean_centering) == ("legendre", (2, 8), False)
+    assert config.reference_resolution is None and config.alpha == 0 and config.lambda_lpips == 0
+    assert config.lambda_z == SSRegConfig().lambda_z
+    with pytest.raises(ValueError, match="alpha"):
+        config_from_args(parser.parse_args(["--ssreg_alpha", "1.5"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sources
+# ----------------------------------------------------------------------------------------------
+
+
+def _photo(size=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8))
+
+
+def test_folder_dataset_is_recursive_converts_modes_and_skips_bad_files(tmp_path, caplog):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    _photo().save(tmp_path / "one.jpg")
+    _photo(seed=1).convert("L").save(tmp_path / "a" / "gray.png")
+    _photo(seed=2).convert("RGBA").save(tmp_path / "a" / "b" / "alpha.webp")
+    _photo(seed=3).convert("P").save(tmp_path / "a" / "b" / "palette.png")
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"not an image at all")
+    truncated = (tmp_path / "one.jpg").read_bytes()[:200]
+    (tmp_path / "a" / "b" / "truncated.jpg").write_bytes(truncated)
+    (tmp_path / "notes.txt").write_text("ignored")
+
+    files = ssreg_data.find_images(str(tmp_path))
+    assert len(files) == 6 and not any(f.endswith(".txt") for f in files)
+    dataset = ssreg_data.folder_image_dataset(str(tmp_path), ssreg_data.image_transform(32, center_crop=True))
+    with caplog.at_level("WARNING"):
+        examples = [dataset[i] for i in range(len(dataset))]
+    for example in examples:
+        assert example["pixel_values"].shape == (3, 32, 32)
+        assert -1.0 <= example["pixel_values"].min() and example["pixel_values"].max() <= 1.0
+    assert dataset.num_skipped == 2
+    assert "Skipping unreadable image" in caplog.text and "broken.jpg" in caplog.text
+
+
+def test_bad_folders_raise(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        ssreg_data.find_images(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        ssreg_data.find_images(str(tmp_path / "empty"))
+    (tmp_path / "flat").mkdir()
+    _photo().save(tmp_path / "flat" / "x.png")
+    with pytest.raises(ValueError, match="class subfolders"):
+        ssreg_data.folder_image_dataset(str(tmp_path / "flat"), lambda im: im, with_labels=True)
+
+
+def test_class_folders_give_sorted_labels(tmp_path):
+    for label in ("dog", "cat"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            _photo(seed=i).save(tmp_path / label / f"{i}.png")
+    dataset = ssreg_data.folder_image_dataset(str(tmp_path), ssreg_data.image_transform(16), with_labels=True)
+    labels = [int(dataset[i]["class_labels"]) for i in range(len(dataset))]
+    assert labels == [0, 0, 1, 1]  # cat = 0, dog = 1
+
+
+def test_seeded_augmentation_depends_only_on_seed_epoch_index():
+    photos = [_photo(64, seed=s) for s in range(3)]
+    transform = ssreg_data.random_scale_crop_transform(16)
+    a = ssreg_data.ImageDataset(photos, transform, length=10, seed=7)
+    b = ssreg_data.ImageDataset(photos, transform, length=10, seed=7)
+    torch.manual_seed(123)
+    first = a[4]["pixel_values"]
+    torch.manual_seed(999)  # the global RNG does not matter
+    assert torch.equal(first, b[4]["pixel_values"])
+    b.set_epoch(1)
+    assert not torch.equal(first, b[4]["pixel_values"])
+
+
+def test_embedded_photos_and_fixed_crops():
+    train, validation = ssreg_data.embedded_photos("train"), ssreg_data.embedded_photos("validation")
+    assert len(train) >= 10 and len(validation) == 2
+    assert all(im.mode == "RGB" and min(im.size) >= 256 for im in train + validation)
+    crops = ssreg_data.fixed_crops(validation, 32, per_image=3, seed=1)
+    assert crops.shape == (6, 3, 32, 32)
+    assert torch.equal(crops, ssreg_data.fixed_crops(validation, 32, per_image=3, seed=1))
+    with pytest.raises(ValueError, match="split"):
+        ssreg_data.embedded_photos("test")
+
+
+def test_datasets_by_name_on_a_local_folder(tmp_path):
+    # `datasets.load_dataset(name)` with a local folder as the name: the same call as a Hub repo id.
+    root = tmp_path / "data"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            _photo(40, seed=i).save(root / label / f"{i}.png")
+    transform = ssreg_data.image_transform(16, center_crop=True)
+    dataset = ssreg_data.hub_image_dataset(str(root), transform, label_column="label", cache_dir=str(tmp_path / "c"))
+    assert len(dataset) == 6
+    example = dataset[5]
+    assert example["pixel_values"].shape == (3, 16, 16) and int(example["class_labels"]) == 1
+    subset = ssreg_data.hub_image_dataset(str(root), transform, max_samples=2, cache_dir=str(tmp_path / "c"))
+    assert len(subset) == 2
+    with pytest.raises(ValueError, match="image_column"):
+        ssreg_data.hub_image_dataset(str(root), transform, image_column="nope", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="dataset_name"):
+        ssreg_data.hub_image_dataset(str(tmp_path / "missing"), transform, cache_dir=str(tmp_path / "c"))
