@@ -368,6 +368,12 @@ def test_load_into_a_mismatched_basis_fails(tmp_path):
     regularizer = StateSpaceRegularizer(make_tiny_vae(latent_channels=8), fast_config(basis="legendre"))
     regularizer.save_pretrained(str(tmp_path))
     # Chebyshev/Legendre/Hermite share their pattern on a (2, 4) grid; Fourier's is the diagonal
+    for basis in ("fourier", "chebyshev"):  # chebyshev: same pattern as legendre, caught by the saved config
+        other = StateSpaceRegularizer(make_tiny_vae(latent_channels=8), fast_config(basis=basis))
+        with pytest.raises(ValueError, match=rf"basis='legendre'.*basis='{basis}'"):
+            other.load_regularizer_state(str(tmp_path))
+    # without the config file, the stored sparsity pattern still catches a different pattern
+    os.remove(tmp_path / "ssreg_config.json")
     other = StateSpaceRegularizer(make_tiny_vae(latent_channels=8), fast_config(basis="fourier"))
     with pytest.raises(ValueError, match=r"pattern.*'fourier'"):
         other.load_regularizer_state(str(tmp_path))
