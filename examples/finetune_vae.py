@@ -220,7 +220,7 @@ def main(args):
             "No model and no data given: running the OFFLINE DEMO (a small random-init Flux-architecture VAE on "
             "scikit-image's sample photos). To fine-tune the real Flux VAE:\n  " + FLUX_COMMAND
         )
-    set_seed(args.seed)
+    set_seed(args.seed, device_specific=True)  # ranks draw different branches, τ and noise
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -276,6 +276,9 @@ def main(args):
         drop_last=True,
         collate_fn=ssreg_data.collate_examples,
         num_workers=args.dataloader_num_workers,
+        # Its own generator: starting an epoch's iterator never draws from the global RNG, so a
+        # resumed run's model randomness continues exactly where the checkpoint left it.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     if len(train_dataloader) == 0:
         raise ValueError(f"{len(train_dataset)} training images make no full batch of {args.train_batch_size}.")

@@ -58,14 +58,20 @@ def workspace(tmp_path_factory):
     return {"root": root, "config": str(config_dir), "images": str(root / "images")}
 
 
-def launch(args, num_processes=1, check=True, env_extra=None, **popen):
+def launch(args, num_processes=1, check=True, env_extra=None, background=False):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env_extra or {}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    command += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    if num_processes > 1:  # torchrun-style processes; ACCELERATE_USE_CPU makes them one gloo group on CPU
+        command += ["--multi_gpu"]
+        env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        command += ["--cpu"]
     command += [SCRIPT, *args]
-    if popen:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    if background:  # its own process group, so a test can Ctrl-C the launcher and the script together
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -131,7 +137,7 @@ def test_interrupted_run_resumed_matches_uninterrupted(workspace, tmp_path):
 
     # Ctrl-C (SIGINT to the whole process group) once the first checkpoint is complete.
     interrupted = tmp_path / "interrupted"
-    process = launch(base_args(workspace, interrupted, 12) + steps, start_new_session=True, popen=True)
+    process = launch(base_args(workspace, interrupted, 12) + steps, background=True)
     deadline = time.time() + 300
     while not (interrupted / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -150,7 +156,9 @@ def test_interrupted_run_resumed_matches_uninterrupted(workspace, tmp_path):
 
 def test_two_process_cpu_run_keeps_ranks_identical(workspace, tmp_path):
     output = tmp_path / "ddp"
-    launch(base_args(workspace, output, 3) + ["--checkpointing_steps", "100"], num_processes=2)
+    result = launch(base_args(workspace, output, 3) + ["--checkpointing_steps", "100"], num_processes=2)
+    log = result.stdout + result.stderr
+    assert "MULTI_CPU" in log and "Num processes: 2" in log
     checksums = json.loads((output / "rank_checksums.json").read_text())
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     AutoencoderKL.from_pretrained(output)
@@ -197,7 +205,7 @@ def test_push_to_hub_reaches_the_hub_boundary(workspace, tmp_path, monkeypatch):
     "extra, match",
     [
         (["--pretrained_model_name_or_path", "/does/not/exist"], "could not load an AutoencoderKL"),
-        (["--resolution", "36"], "not divisible by the VAE's downsampling factor 2"),
+        (["--resolution", "33"], "not divisible by the VAE's downsampling factor 2"),
         (["--ssreg_grid", "3x3"], "grid"),
         (["--ssreg_basis", "wavelet"], "basis"),
         (["--ssreg_alpha", "2"], "alpha"),
@@ -228,3 +236,26 @@ def test_bad_data_and_models(workspace, tmp_path):
     args = base_args(workspace, tmp_path / "o", 2)[2:] + ["--pretrained_model_name_or_path", str(tmp_path / "unet")]
     with pytest.raises(ValueError, match="AutoencoderKL"):
         finetune_vae.main(finetune_vae.parse_args(args))
+
+
+def test_nan_steps_are_skipped_then_stop_the_run(workspace, tmp_path, monkeypatch):
+    import diffusers_ssreg.regularizer as regularizer_module
+
+    real_l1, calls = regularizer_module.per_sample_l1, {"n": 0}
+
+    def poisoned_l1(prediction, target):  # steps 1-2 are healthy, every later loss is NaN
+        calls["n"] += 1
+        value = real_l1(prediction, target)
+        return value * float("nan") if calls["n"] > 2 else value
+
+    monkeypatch.setattr(regularizer_module, "per_sample_l1", poisoned_l1)
+    output = tmp_path / "nan"
+    args = finetune_vae.parse_args(
+        base_args(workspace, output, 10) + ["--checkpointing_steps", "2", "--max_nonfinite_steps", "2",
+                                            "--report_to", "none", "--validation_steps", "100"]
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match="2 non-finite steps in a row"):
+        finetune_vae.main(args)
+    assert not (output / "diffusion_pytorch_model.safetensors").exists()  # no export of a broken run
+    weights = load_file(output / "checkpoint-2" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
