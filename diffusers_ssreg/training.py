@@ -168,6 +168,7 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total_skipped = 0
+        self._run = self._skipped = None  # device-side counters of `flag`
 
     def check(self, grad_norm: torch.Tensor, step: int) -> bool:
         """True when the step may be taken; False to skip it. Raises after too many skips in a row."""
@@ -183,6 +184,53 @@ class NonFiniteGuard:
                 f"is intact; lower the learning rate or check the data before resuming."
             )
         return False
+
+
+    # --- device-side variant: no host sync per step ---
+
+    def flag(self, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Records one step's gradient norm on the device and returns its found-inf flag (1.0 = skip)."""
+        found = (~torch.isfinite(grad_norm)).float()
+        if self._run is None:
+            self._run, self._skipped = found.clone(), found.clone()
+        else:
+            self._run = self._run * found + found  # consecutive non-finite steps, reset by a finite one
+            self._skipped = self._skipped + found
+        return found
+
+    def raise_if_exhausted(self, step: int) -> None:
+        """Reads the device-side counts back (one sync: call at logging/checkpoint steps) and stops when exhausted."""
+        if self._run is None:
+            return
+        run, skipped = (int(v) for v in torch.stack([self._run, self._skipped]).tolist())
+        if skipped > self.total_skipped:
+            logger.warning("%d non-finite step(s) skipped up to step %d (%d in a row now).", skipped - self.total_skipped, step, run)
+        self.total_skipped, self.consecutive = skipped, run
+        if run >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{run} non-finite steps in a row (last at step {step}): stopping. The last checkpoint "
+                f"is intact; lower the learning rate or check the data before resuming."
+            )
+
+
+def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_norm: float, guard: NonFiniteGuard):
+    """
+    Clips gradients, steps the optimizer unless the gradient norm is NaN/inf, steps the scheduler and
+    zeroes the gradients; returns the (all-reduced) gradient norm. With a fused optimizer the skip
+    happens on the device (its `found_inf` input, as GradScaler uses it): no host sync per step.
+    """
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    found_inf = guard.flag(grad_norm)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if inner.defaults.get("fused"):
+        inner.found_inf = found_inf
+        optimizer.step()
+        inner.found_inf = None
+    elif not bool(found_inf):  # unfused optimizers take no found_inf: decide on the host
+        optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -34,6 +34,7 @@ from diffusers_ssreg.hub import push_folder
 from diffusers_ssreg.training import (
     NonFiniteGuard,
     get_paper_scheduler,
+    optimizer_step,
     read_training_state,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -267,7 +268,7 @@ def main(args):
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
-        fused=torch.cuda.is_available(),
+        fused=True,  # also lets a NaN/inf step be skipped on the device (training.optimizer_step)
     )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -340,11 +341,9 @@ def main(args):
                     output = regularizer(batch["pixel_values"])
                     accelerator.backward(output.loss)
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                        if guard.check(grad_norm, global_step + 1):
-                            optimizer.step()
-                        lr_scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        grad_norm = optimizer_step(
+                            accelerator, optimizer, lr_scheduler, trainable, args.max_grad_norm, guard
+                        )
                 scalars = output.scalars()
                 sums = scalars if sums is None else {k: sums[k] + v for k, v in scalars.items()}
                 count += 1
@@ -355,6 +354,7 @@ def main(args):
                 progress.update(1)
 
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                    guard.raise_if_exhausted(global_step)  # the one host sync of a logging step
                     means = {k: (v / count).item() for k, v in accelerator.reduce(sums, reduction="mean").items()}
                     means["lr"] = lr_scheduler.get_last_lr()[0]
                     means["grad_norm"] = float(grad_norm)
@@ -365,10 +365,12 @@ def main(args):
                     progress.set_postfix(loss=f"{means['loss']:.4f}", latent=f"{means['latent_mse']:.4f}", lr=f"{means['lr']:.2e}")
                     sums, count, last_log_time = None, 0, time.perf_counter()
                 if global_step % args.checkpointing_steps == 0:
+                    guard.raise_if_exhausted(global_step)
                     save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                if accelerator.is_main_process and (global_step % validation_steps == 0 or global_step == 1):
+                last = global_step >= args.max_train_steps  # the final validation runs after the loop
+                if accelerator.is_main_process and not last and (global_step % validation_steps == 0 or global_step == 1):
                     validate_and_log(raw, validation_batch, accelerator, global_step, args.output_dir)
-                if global_step >= args.max_train_steps:
+                if last:
                     break
     except KeyboardInterrupt:
         logger.warning(
@@ -380,6 +382,7 @@ def main(args):
 
     # --- the result: a stock AutoencoderKL folder, the regularizer beside it, a model card ---
     accelerator.wait_for_everyone()
+    guard.raise_if_exhausted(global_step)
     if global_step % args.checkpointing_steps:
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
     checksums = gather_object([weights_checksum(raw.vae)])  # every rank must hold the same weights

@@ -210,3 +210,34 @@ def test_datasets_by_name_on_a_local_folder(tmp_path):
         ssreg_data.hub_image_dataset(str(root), transform, image_column="nope", cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="dataset_name"):
         ssreg_data.hub_image_dataset(str(tmp_path / "missing"), transform, cache_dir=str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optimizer_step_skips_nonfinite_gradients(fused):
+    from accelerate import Accelerator
+
+    from diffusers_ssreg.training import optimizer_step
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    guard = NonFiniteGuard(max_consecutive=2)
+    params = list(model.parameters())
+
+    def step(scale):
+        before = [p.detach().clone() for p in params]
+        (model(torch.ones(1, 3)).sum() * scale).backward()
+        optimizer_step(accelerator, optimizer, scheduler, params, 50.0, guard)
+        return any(not torch.equal(b, p) for b, p in zip(before, params))
+
+    assert step(1.0)  # a finite step updates the weights
+    assert not step(float("nan"))  # a NaN step leaves them alone
+    guard.raise_if_exhausted(2)
+    assert guard.total_skipped == 1 and guard.consecutive == 1
+    state_steps = [float(s["step"]) for s in optimizer.optimizer.state.values()]
+    assert state_steps == [1.0, 1.0]  # Adam's step counter did not advance either
+    assert not step(float("inf"))
+    with pytest.raises(FloatingPointError, match="2 non-finite steps in a row"):
+        guard.raise_if_exhausted(3)
