@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""
+Throughput of a VAE fine-tuning step, side by side in one process on the same data:
+
+  (a) stock   the plain diffusers step: encode, sample, decode, L1 + KL, AdamW (all weights trainable)
+  (b) ssreg   our training step: StateSpaceRegularizer forward with alpha 0.25 and LPIPS, the clip +
+              AdamW + scheduler step of examples/finetune_vae.py (training.optimizer_step), EMA update
+  (c) plain   the same as (b) with alpha 0 (plain reconstruction fine-tuning through the regularizer)
+
+Each variant runs eager and, with --compile, under torch.compile. Reports img/s, peak GPU memory,
+model FLOP utilization and the ratios b/a and b/c as JSON and a markdown table.
+
+    python benchmarks/bench_finetune.py --device cuda --config flux --batch_size 32 --resolution 256 --compile
+    python benchmarks/bench_finetune.py --device cpu --config tiny --steps 2     # what the test suite runs
+
+LPIPS' ImageNet backbone cannot be downloaded on the machines this was measured on, so the LPIPS
+module gets a random VGG backbone (`--lpips_pretrained_backbone` to use the real one): the compute
+is identical.
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+from diffusers import AutoencoderKL
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from diffusers_ssreg import SSRegConfig, StateSpaceRegularizer  # noqa: E402
+from diffusers_ssreg.training import NonFiniteGuard, optimizer_step  # noqa: E402
+
+
+# Dense bf16 peak of the GPUs this may run on (datasheet, TFLOP/s): MFU is reported against it.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+TINY_CONFIG = dict(
+    block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4, norm_num_groups=4, layers_per_block=1,
+)  # fmt: skip
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="flux", choices=["flux", "tiny"], help="flux: the 83.8M Flux VAE architecture.")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps per variant.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per variant (compilation happens here).")
+    parser.add_argument("--time_budget_s", type=float, default=120.0, help="Stop timing a variant after this long.")
+    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--variants", default="stock,ssreg,plain")
+    parser.add_argument("--compile", action="store_true", help="Also run every variant under torch.compile.")
+    parser.add_argument("--eager", type=int, default=1, help="0: skip the eager runs.")
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--lpips_pretrained_backbone", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top kernels of one ssreg step.")
+    parser.add_argument("--output_json", default=None)
+    parser.add_argument("--output_md", default=None)
+    args = parser.parse_args(input_args)
+    if args.resolution % 8 and args.config == "flux":
+        raise ValueError(f"--resolution must be divisible by 8 for the Flux VAE, got {args.resolution}.")
+    return args
+
+
+def build_vae(args) -> AutoencoderKL:
+    torch.manual_seed(0)
+    if args.config == "flux":
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(HERE, "configs", "flux_vae")))
+    else:
+        vae = AutoencoderKL(**TINY_CONFIG)
+    if args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    vae = vae.to(args.device)
+    if args.channels_last:
+        vae = vae.to(memory_format=torch.channels_last)
+    return vae
+
+
+def autocast(args):
+    if args.mixed_precision == "no":
+        return torch.autocast(device_type=torch.device(args.device).type, enabled=False)
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three steps
+# ----------------------------------------------------------------------------------------------
+
+
+def make_stock_step(args, compile_):
+    """Plain diffusers fine-tuning as users write it today: the reference every other number is divided by."""
+    vae = build_vae(args)
+    if compile_:
+        vae.encoder.compile()
+        vae.decoder.compile()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-5, fused=args.device != "cpu")
+
+    def step(pixel_values):
+        with autocast(args):
+            posterior = vae.encode(pixel_values).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            loss = (reconstruction.float() - pixel_values).abs().mean() + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, vae
+
+
+def make_ssreg_step(args, compile_, alpha):
+    """Our step, through the same pieces as examples/finetune_vae.py (Accelerate-free but identical math)."""
+    vae = build_vae(args)
+    config = SSRegConfig(alpha=alpha, lpips_pretrained_backbone=args.lpips_pretrained_backbone,
+                         freeze_encoder_blocks=min(2, len(vae.encoder.down_blocks)) if args.config == "flux" else 1,
+                         freeze_decoder_blocks=min(2, len(vae.decoder.up_blocks)) if args.config == "flux" else 1)  # fmt: skip
+    regularizer = StateSpaceRegularizer(vae, config).to(args.device)
+    regularizer.validate_inputs = False
+    if args.channels_last:
+        regularizer = regularizer.to(memory_format=torch.channels_last)
+    if compile_:
+        for module in (vae.encoder, vae.decoder, regularizer.target_encoder, regularizer.lpips):
+            if module is not None:
+                module.compile()
+    optimizer = torch.optim.AdamW(regularizer.parameter_groups(1e-5), fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    guard = NonFiniteGuard(5)
+    clipper = _Clipper()
+
+    def step(pixel_values):
+        with autocast(args):
+            output = regularizer(pixel_values)
+        output.loss.backward()
+        optimizer_step(clipper, optimizer, scheduler, trainable, 50.0, guard)
+        regularizer.update_ema()
+        return output.loss
+
+    return step, regularizer
+
+
+class _Clipper:
+    """The one Accelerator method `optimizer_step` uses, for a single process without Accelerate."""
+
+    @staticmethod
+    def clip_grad_norm_(parameters, max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_flops(step, pixel_values) -> float:
+    """FLOPs of one training step (forward + backward + optimizer), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(pixel_values)
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device) -> float:
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
+
+
+def run_variant(args, name, compile_, pixel_batches, flops_cache):
+    label = f"{name}{' (compiled)' if compile_ else ''}"
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if name == "stock":
+        step, model = make_stock_step(args, compile_)
+    else:
+        step, model = make_ssreg_step(args, compile_, alpha=0.25 if name == "ssreg" else 0.0)
+    if name not in flops_cache:  # FLOPs don't depend on compilation: count once, eagerly
+        flops_cache[name] = count_flops(step, pixel_batches[0]) if not compile_ else float("nan")
+    start = time.perf_counter()
+    for i in range(args.warmup):
+        step(pixel_batches[i % len(pixel_batches)])
+    synchronize(args.device)
+    warmup_s = time.perf_counter() - start
+
+    times, begin = [], time.perf_counter()
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step(pixel_batches[i % len(pixel_batches)])
+        synchronize(args.device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - begin > args.time_budget_s:
+            break
+    total = sum(times)
+    images_per_s = len(times) * args.batch_size / total
+    median = sorted(times)[len(times) // 2]
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if torch.device(args.device).type == "cuda" else float("nan")
+    flops = flops_cache.get(name, float("nan"))
+    mfu = flops / median / (peak_tflops(args.device) * 1e12) if math.isfinite(flops) else float("nan")
+    result = {
+        "variant": name, "compiled": compile_, "label": label, "timed_steps": len(times),
+        "images_per_s": images_per_s, "median_step_s": median, "peak_memory_gib": peak_memory,
+        "flops_per_step": flops, "tflops_per_image": flops / args.batch_size / 1e12, "mfu": mfu,
+        "warmup_s": warmup_s, "final_loss": float(loss.detach()),
+    }  # fmt: skip
+    print(
+        f"{label:20s} {images_per_s:8.2f} img/s  median {median * 1e3:8.1f} ms  peak {peak_memory:6.1f} GiB  "
+        f"MFU {mfu:6.1%}  warm-up {warmup_s:6.1f} s",
+        flush=True,
+    )
+    if args.profile and name == "ssreg" and compile_ == bool(args.compile):
+        profile_step(args, step, pixel_batches[0])
+    del step, model
+    gc.collect()
+    return result
+
+
+def profile_step(args, step, pixel_values):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(pixel_values)
+        synchronize(args.device)
+    sort = "cuda_time_total" if torch.device(args.device).type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+
+
+def main(args):
+    generator = torch.Generator().manual_seed(0)
+    pixel_batches = [
+        (torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator) * 2 - 1).to(args.device)
+        for _ in range(4)
+    ]
+    if args.channels_last:
+        pixel_batches = [p.to(memory_format=torch.channels_last) for p in pixel_batches]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - {"stock", "ssreg", "plain"}
+    if unknown:
+        raise ValueError(f"--variants: unknown {sorted(unknown)}; allowed: stock, ssreg, plain.")
+    modes = ([False] if args.eager else []) + ([True] if args.compile else [])
+    results, flops_cache = [], {}
+    for compile_ in modes:
+        for name in variants:
+            try:
+                results.append(run_variant(args, name, compile_, pixel_batches, flops_cache))
+            except torch.cuda.OutOfMemoryError as error:  # a variant that doesn't fit is a result too
+                print(f"{name} (compiled={compile_}): out of memory: {str(error).splitlines()[0]}", flush=True)
+                results.append({"variant": name, "compiled": compile_, "label": f"{name}{' (compiled)' if compile_ else ''}",
+                                "error": "out of memory", "images_per_s": float("nan"), "median_step_s": float("nan"),
+                                "peak_memory_gib": float("nan"), "tflops_per_image": float("nan"), "mfu": float("nan"),
+                                "flops_per_step": float("nan")})  # fmt: skip
+                gc.collect()
+                torch.cuda.empty_cache()
+    for r in results:  # eager FLOP counts also hold for the compiled runs
+        if not math.isfinite(r["flops_per_step"]) and math.isfinite(flops_cache.get(r["variant"], float("nan"))):
+            r["flops_per_step"] = flops_cache[r["variant"]]
+            r["tflops_per_image"] = r["flops_per_step"] / args.batch_size / 1e12
+            r["mfu"] = r["flops_per_step"] / r["median_step_s"] / (peak_tflops(args.device) * 1e12)
+
+    def find(name, compiled):
+        return next((r for r in results if r["variant"] == name and r["compiled"] == compiled), None)
+
+    ratios = {}
+    for compiled in modes:
+        b, a, c = find("ssreg", compiled), find("stock", False), find("plain", compiled)
+        tag = "compiled" if compiled else "eager"
+        if b and a:
+            ratios[f"ssreg_{tag}_over_stock_eager"] = b["images_per_s"] / a["images_per_s"]
+        if b and c:
+            ratios[f"ssreg_{tag}_over_plain_{tag}"] = b["images_per_s"] / c["images_per_s"]
+    report = {
+        "settings": vars(args),
+        "device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+        "ratios": ratios,
+    }
+    lines = [
+        f"| variant | img/s | median step (ms) | peak memory (GiB) | TFLOP/image | MFU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {r['images_per_s']:.1f} | {r['median_step_s'] * 1e3:.0f} | {r['peak_memory_gib']:.1f} | "
+            f"{r['tflops_per_image']:.2f} | {r['mfu']:.1%} |"
+        )
+    lines += [""] + [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
+    table = "\n".join(lines)
+    print(table, flush=True)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    if args.output_md:
+        with open(args.output_md, "w") as f:
+            f.write(table + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
