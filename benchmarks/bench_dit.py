@@ -46,7 +46,7 @@ def parse_args(input_args=None):
     parser.add_argument("--steps", type=int, default=50, help="Timed steps per measurement.")
     parser.add_argument("--repeats", type=int, default=1, help="Rounds over all measurements; the median is reported.")
     parser.add_argument("--time_budget_s", type=float, default=None, help="Stop a measurement's timed steps after this long.")
-    parser.add_argument("--num_cached_samples", type=int, default=None, help="In-memory latents for the loop (default 8 batches).")
+    parser.add_argument("--num_cached_samples", type=int, default=None, help="In-memory latents for the loop (default 32 batches).")
     parser.add_argument("--dataloader_num_workers", type=int, default=2)
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     parser.add_argument("--seed", type=int, default=0)
@@ -63,7 +63,7 @@ def parse_args(input_args=None):
     if args.device == "cpu" and args.mixed_precision == "bf16" and args.compile:
         raise ValueError("--compile with bf16 on the CPU is not a configuration this benchmark measures.")
     args.output_markdown = args.output_markdown or os.path.splitext(args.output_json)[0] + ".md"
-    args.num_cached_samples = args.num_cached_samples or 8 * args.batch_size
+    args.num_cached_samples = args.num_cached_samples or 32 * args.batch_size
     if args.num_cached_samples < args.batch_size:
         raise ValueError(f"--num_cached_samples {args.num_cached_samples} is below one batch of {args.batch_size}.")
     return args

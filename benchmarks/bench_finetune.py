@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from diffusers_ssreg import SSRegConfig, StateSpaceRegularizer  # noqa: E402
+from diffusers_ssreg.finetune import compile_modules  # noqa: E402
 from diffusers_ssreg.training import NonFiniteGuard, optimizer_step  # noqa: E402
 
 
@@ -57,9 +58,14 @@ def parse_args(input_args=None):
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per variant (compilation happens here).")
     parser.add_argument("--time_budget_s", type=float, default=120.0, help="Stop timing a variant after this long.")
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--variants", default="stock,ssreg,plain")
-    parser.add_argument("--compile", action="store_true", help="Also run every variant under torch.compile.")
-    parser.add_argument("--eager", type=int, default=1, help="0: skip the eager runs.")
+    parser.add_argument("--variants", default="stock,ssreg,plain", help="Variants run eagerly ('' for none).")
+    parser.add_argument("--compile", action="store_true", help="Also run variants under torch.compile.")
+    parser.add_argument("--compiled_variants", default=None, help="Variants run compiled (default: --variants).")
+    parser.add_argument(
+        "--sweep", default=None,
+        help="Eager scaling sweep instead of the main comparison: 'BATCHxRES,...' e.g. '8x256,16x256,32x256,4x512,8x512'.",
+    )  # fmt: skip
+    parser.add_argument("--sweep_plot", default=None, help="PNG of the sweep: img/s and peak memory per setting.")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--lpips_pretrained_backbone", action="store_true")
@@ -130,9 +136,7 @@ def make_ssreg_step(args, compile_, alpha):
     if args.channels_last:
         regularizer = regularizer.to(memory_format=torch.channels_last)
     if compile_:
-        for module in (vae.encoder, vae.decoder, regularizer.target_encoder, regularizer.lpips):
-            if module is not None:
-                module.compile()
+        compile_modules(regularizer)
     optimizer = torch.optim.AdamW(regularizer.parameter_groups(1e-5), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -190,12 +194,20 @@ def run_variant(args, name, compile_, pixel_batches, flops_cache):
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    if name == "stock":
-        step, model = make_stock_step(args, compile_)
-    else:
-        step, model = make_ssreg_step(args, compile_, alpha=0.25 if name == "ssreg" else 0.0)
-    if name not in flops_cache:  # FLOPs don't depend on compilation: count once, eagerly
-        flops_cache[name] = count_flops(step, pixel_batches[0]) if not compile_ else float("nan")
+    def make(compiled):
+        if name == "stock":
+            return make_stock_step(args, compiled)
+        return make_ssreg_step(args, compiled, alpha=0.25 if name == "ssreg" else 0.0)
+
+    if name not in flops_cache:  # FLOPs don't depend on compilation: count once, on an eager copy
+        counting_step, counting_model = make(False)
+        flops_cache[name] = count_flops(counting_step, pixel_batches[0])
+        del counting_step, counting_model
+        gc.collect()
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    step, model = make(compile_)
     start = time.perf_counter()
     for i in range(args.warmup):
         step(pixel_batches[i % len(pixel_batches)])
@@ -245,7 +257,64 @@ def profile_step(args, step, pixel_values):
     print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
 
 
+def sweep(args):
+    """Eager img/s and peak memory of each variant over batch sizes and resolutions (docs/benchmarks.md's plot)."""
+    rows = []
+    for item in args.sweep.split(","):
+        batch, resolution = (int(v) for v in item.lower().split("x"))
+        settings = argparse.Namespace(**{**vars(args), "batch_size": batch, "resolution": resolution, "profile": False})
+        generator = torch.Generator().manual_seed(0)
+        batches = [(torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(args.device)]
+        if args.channels_last:
+            batches = [b.to(memory_format=torch.channels_last) for b in batches]
+        for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            try:
+                result = run_variant(settings, name, False, batches, {})
+            except torch.cuda.OutOfMemoryError:
+                result = {"variant": name, "images_per_s": float("nan"), "peak_memory_gib": float("nan"), "error": "out of memory"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            rows.append({"batch_size": batch, "resolution": resolution, **result})
+            print(f"sweep {batch}x{resolution} {name}: {result['images_per_s']:.1f} img/s, {result['peak_memory_gib']:.1f} GiB", flush=True)
+    report = {"settings": vars(args), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "sweep": rows,
+              "device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"}  # fmt: skip
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    if args.sweep_plot:
+        plot_sweep(rows, args.sweep_plot)
+    return report
+
+
+def plot_sweep(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["variant"] for r in rows}):
+        for resolution, marker in ((256, "o"), (512, "s")):
+            points = [r for r in rows if r["variant"] == name and r["resolution"] == resolution]
+            if not points:
+                continue
+            x = [r["batch_size"] for r in points]
+            speed.plot(x, [r["images_per_s"] for r in points], marker=marker, label=f"{name} {resolution}px")
+            memory.plot(x, [r["peak_memory_gib"] for r in points], marker=marker, label=f"{name} {resolution}px")
+    for axis, label in ((speed, "images / s"), (memory, "peak GPU memory (GiB)")):
+        axis.set_xlabel("batch size")
+        axis.set_ylabel(label)
+        axis.set_xscale("log", base=2)
+        axis.grid(alpha=0.3)
+    speed.legend(fontsize=8)
+    figure.suptitle("Eager fine-tuning step, Flux VAE architecture, bf16")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main(args):
+    if args.sweep:
+        return sweep(args)
     generator = torch.Generator().manual_seed(0)
     pixel_batches = [
         (torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator) * 2 - 1).to(args.device)
@@ -253,24 +322,27 @@ def main(args):
     ]
     if args.channels_last:
         pixel_batches = [p.to(memory_format=torch.channels_last) for p in pixel_batches]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - {"stock", "ssreg", "plain"}
+    eager_variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    compiled_variants = eager_variants if args.compiled_variants is None else [
+        v.strip() for v in args.compiled_variants.split(",") if v.strip()
+    ]
+    unknown = set(eager_variants + compiled_variants) - {"stock", "ssreg", "plain"}
     if unknown:
-        raise ValueError(f"--variants: unknown {sorted(unknown)}; allowed: stock, ssreg, plain.")
-    modes = ([False] if args.eager else []) + ([True] if args.compile else [])
+        raise ValueError(f"--variants/--compiled_variants: unknown {sorted(unknown)}; allowed: stock, ssreg, plain.")
+    runs = [(name, False) for name in eager_variants] + ([(name, True) for name in compiled_variants] if args.compile else [])
+    modes = sorted({compiled for _, compiled in runs})
     results, flops_cache = [], {}
-    for compile_ in modes:
-        for name in variants:
-            try:
-                results.append(run_variant(args, name, compile_, pixel_batches, flops_cache))
-            except torch.cuda.OutOfMemoryError as error:  # a variant that doesn't fit is a result too
-                print(f"{name} (compiled={compile_}): out of memory: {str(error).splitlines()[0]}", flush=True)
-                results.append({"variant": name, "compiled": compile_, "label": f"{name}{' (compiled)' if compile_ else ''}",
-                                "error": "out of memory", "images_per_s": float("nan"), "median_step_s": float("nan"),
-                                "peak_memory_gib": float("nan"), "tflops_per_image": float("nan"), "mfu": float("nan"),
-                                "flops_per_step": float("nan")})  # fmt: skip
-                gc.collect()
-                torch.cuda.empty_cache()
+    for name, compile_ in runs:
+        try:
+            results.append(run_variant(args, name, compile_, pixel_batches, flops_cache))
+        except torch.cuda.OutOfMemoryError as error:  # a variant that doesn't fit is a result too
+            print(f"{name} (compiled={compile_}): out of memory: {str(error).splitlines()[0]}", flush=True)
+            results.append({"variant": name, "compiled": compile_, "label": f"{name}{' (compiled)' if compile_ else ''}",
+                            "error": "out of memory", "images_per_s": float("nan"), "median_step_s": float("nan"),
+                            "peak_memory_gib": float("nan"), "tflops_per_image": float("nan"), "mfu": float("nan"),
+                            "flops_per_step": float("nan")})  # fmt: skip
+            gc.collect()
+            torch.cuda.empty_cache()
     for r in results:  # eager FLOP counts also hold for the compiled runs
         if not math.isfinite(r["flops_per_step"]) and math.isfinite(flops_cache.get(r["variant"], float("nan"))):
             r["flops_per_step"] = flops_cache[r["variant"]]

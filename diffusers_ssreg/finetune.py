@@ -53,6 +53,13 @@ def demo_vae(seed: int = 0) -> AutoencoderKL:
     )
 
 
+def compile_modules(regularizer) -> None:
+    """`torch.compile` the modules that carry the step's FLOPs, in place: encoder, decoder, EMA target, LPIPS."""
+    for module in (regularizer.vae.encoder, regularizer.vae.decoder, regularizer.target_encoder, regularizer.lpips):
+        if module is not None:
+            module.compile()
+
+
 def load_vae(args) -> AutoencoderKL:
     """The AutoencoderKL named by --pretrained_model_name_or_path or --model_config_name_or_path, with clear errors."""
     source = args.pretrained_model_name_or_path or args.model_config_name_or_path

@@ -42,6 +42,7 @@ from diffusers_ssreg.training import (
 )
 from diffusers_ssreg.finetune import (
     DEMO_FLAGS,
+    compile_modules,
     DEMO_SSREG_DEFAULTS,
     FLUX_COMMAND,
     demo_vae,
@@ -104,7 +105,8 @@ def parse_args(input_args=None):
     parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many NaN/inf steps in a row.")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--allow_tf32", action="store_true")
-    parser.add_argument("--use_torch_compile", action="store_true", help="torch.compile the VAE's encoder and decoder.")
+    parser.add_argument("--use_torch_compile", action="store_true", help="torch.compile the encoder, decoder, EMA target and LPIPS.")
+    parser.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPU).")
     # logging, validation, checkpoints, hub
     parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     parser.add_argument("--logging_dir", type=str, default="logs")
@@ -235,9 +237,10 @@ def main(args):
     regularizer.validate_inputs = False  # the data pipeline guarantees [-1, 1]; avoids a host sync per step
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
+    if args.channels_last:
+        regularizer.to(memory_format=torch.channels_last)
     if args.use_torch_compile:
-        vae.encoder.compile()
-        vae.decoder.compile()
+        compile_modules(regularizer)
     train_dataset, validation_batch, data_description = build_datasets(args)
 
     if accelerator.is_main_process:
@@ -338,7 +341,10 @@ def main(args):
                 loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
             for batch in loader:
                 with accelerator.accumulate(regularizer):
-                    output = regularizer(batch["pixel_values"])
+                    pixel_values = batch["pixel_values"]
+                    if args.channels_last:
+                        pixel_values = pixel_values.to(memory_format=torch.channels_last)
+                    output = regularizer(pixel_values)
                     accelerator.backward(output.loss)
                     if accelerator.sync_gradients:
                         grad_norm = optimizer_step(
