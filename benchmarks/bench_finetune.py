@@ -66,7 +66,10 @@ def parse_args(input_args=None):
         help="Eager scaling sweep instead of the main comparison: 'BATCHxRES,...' e.g. '8x256,16x256,32x256,4x512,8x512'.",
     )  # fmt: skip
     parser.add_argument("--sweep_plot", default=None, help="PNG of the sweep: img/s and peak memory per setting.")
-    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument(
+        "--channels_last", action="store_true",
+        help="Our variants (ssreg, plain) run channels_last; the stock baseline stays as diffusers users run it.",
+    )  # fmt: skip
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--lpips_pretrained_backbone", action="store_true")
     parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top kernels of one ssreg step.")
@@ -78,7 +81,7 @@ def parse_args(input_args=None):
     return args
 
 
-def build_vae(args) -> AutoencoderKL:
+def build_vae(args, channels_last: bool = False) -> AutoencoderKL:
     torch.manual_seed(0)
     if args.config == "flux":
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(HERE, "configs", "flux_vae")))
@@ -87,7 +90,7 @@ def build_vae(args) -> AutoencoderKL:
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     vae = vae.to(args.device)
-    if args.channels_last:
+    if channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     return vae
 
@@ -127,7 +130,7 @@ def make_stock_step(args, compile_):
 
 def make_ssreg_step(args, compile_, alpha):
     """Our step, through the same pieces as examples/finetune_vae.py (Accelerate-free but identical math)."""
-    vae = build_vae(args)
+    vae = build_vae(args, args.channels_last)
     config = SSRegConfig(alpha=alpha, lpips_pretrained_backbone=args.lpips_pretrained_backbone,
                          freeze_encoder_blocks=min(2, len(vae.encoder.down_blocks)) if args.config == "flux" else 1,
                          freeze_decoder_blocks=min(2, len(vae.decoder.up_blocks)) if args.config == "flux" else 1)  # fmt: skip
@@ -144,6 +147,8 @@ def make_ssreg_step(args, compile_, alpha):
     clipper = _Clipper()
 
     def step(pixel_values):
+        if args.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         with autocast(args):
             output = regularizer(pixel_values)
         output.loss.backward()
@@ -265,8 +270,6 @@ def sweep(args):
         settings = argparse.Namespace(**{**vars(args), "batch_size": batch, "resolution": resolution, "profile": False})
         generator = torch.Generator().manual_seed(0)
         batches = [(torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(args.device)]
-        if args.channels_last:
-            batches = [b.to(memory_format=torch.channels_last) for b in batches]
         for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
             try:
                 result = run_variant(settings, name, False, batches, {})
@@ -320,8 +323,6 @@ def main(args):
         (torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator) * 2 - 1).to(args.device)
         for _ in range(4)
     ]
-    if args.channels_last:
-        pixel_batches = [p.to(memory_format=torch.channels_last) for p in pixel_batches]
     eager_variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     compiled_variants = eager_variants if args.compiled_variants is None else [
         v.strip() for v in args.compiled_variants.split(",") if v.strip()

@@ -34,6 +34,8 @@ from diffusers.training_utils import EMAModel, compute_density_for_timestep_samp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .training import optimizer_step
+
 
 # --------------------------------------------------------------------------------------------
 # Presets (DiT paper, Table 1); the table doubles as the scripts' `--preset` choices
@@ -92,6 +94,23 @@ def dit_config(
     config.pop("_class_name", None)
     check_dit_config(config, latent_channels, latent_size, objective, num_classes)
     return config
+
+
+def load_config_overrides(name: str, value: Optional[str]) -> dict:
+    """A `--<name>` JSON object given inline or as a file path (None gives an empty dict)."""
+    if value is None:
+        return {}
+    try:
+        if os.path.isfile(value):
+            with open(value) as f:
+                loaded = json.load(f)
+        else:
+            loaded = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--{name} must be a JSON object or a JSON file, got {value!r}: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--{name} must be a JSON object, got {type(loaded).__name__}.")
+    return loaded
 
 
 def check_dit_config(config: dict, latent_channels: int, latent_size: int, objective: str, num_classes: int) -> None:
@@ -554,11 +573,10 @@ class DiTTrainingLoss(torch.nn.Module):
 
 @dataclass
 class DiTStepOutput:
-    """What `train_step` returns; tensors stay on the device (no host sync beyond the non-finite check)."""
+    """What `train_step` returns; tensors stay on the device (reading them is the caller's host sync)."""
 
     loss: torch.Tensor  # scalar, detached
-    grad_norm: Optional[torch.Tensor]  # None while accumulating, or with neither clipping nor a guard
-    optimizer_stepped: bool  # False while accumulating or when the guard skipped a non-finite step
+    grad_norm: Optional[torch.Tensor]  # all-reduced; None while accumulating
 
 
 def train_step(
@@ -568,27 +586,22 @@ def train_step(
     lr_scheduler,
     batch: Dict[str, torch.Tensor],
     parameters: Sequence[torch.nn.Parameter],
+    guard,
     max_grad_norm: Optional[float] = None,
-    guard=None,
-    step: int = 0,
 ) -> DiTStepOutput:
     """
     One micro-batch of training: forward + backward of the prepared `DiTTrainingLoss`, then, on the last
-    micro-batch of an accumulation, gradient clipping, the non-finite guard, optimizer and LR steps.
+    micro-batch of an accumulation, `training.optimizer_step` (clipping, a NaN/inf step skipped on the
+    device by the fused optimizer, LR step). No host sync: call `guard.raise_if_exhausted` now and then.
     """
-    grad_norm, stepped = None, False
+    grad_norm = None
     with accelerator.accumulate(model):
         loss = model(batch["latents"], batch["class_labels"])
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            if max_grad_norm is not None or guard is not None:
-                grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
-            if guard is None or guard.check(grad_norm, step):
-                optimizer.step()
-                stepped = True
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return DiTStepOutput(loss.detach(), grad_norm, stepped)
+            clip = max_grad_norm if max_grad_norm is not None else math.inf  # inf: the norm only, for the guard
+            grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, clip, guard)
+    return DiTStepOutput(loss.detach(), grad_norm)
 
 
 def create_ema(transformer: DiTTransformer2DModel, decay: float = 0.9999) -> EMAModel:
@@ -661,6 +674,13 @@ def write_normalization_file(folder: str, objective: str, mode: str, latents_mea
     }
     with open(os.path.join(folder, NORMALIZATION_FILE), "w") as f:
         json.dump(info, f, indent=2)
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """`from_pretrained`'s dtype argument: `dtype` where diffusers has renamed `torch_dtype` (0.42 warns), else `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def load_dit_pipeline(folder: str, **kwargs):

@@ -49,6 +49,7 @@ from .latent import (
 )
 from .metrics import (
     GaussianStatistics,
+    adm_reference_statistics,
     evaluate_generation,
     evaluate_reconstruction,
     extract_features,
@@ -60,21 +61,17 @@ from .metrics import (
     psnr,
     ssim,
 )
+from .plots import (
+    log_to_tensorboard,
+    plot_blur_dynamics,
+    plot_latent_statistics,
+    plot_power_spectrum,
+    plot_unmasking,
+    plot_unmasking_psnr,
+    save_figure,
+)
 from .report import markdown_table, write_report
 
-
-_PLOTS = ("log_to_tensorboard", "plot_blur_dynamics", "plot_latent_statistics", "plot_power_spectrum",
-          "plot_unmasking", "plot_unmasking_psnr", "save_figure")
-
-
-def __getattr__(name):
-    # The plotting functions live in `plots`, imported on first use (it is light, but keeps the namespace
-    # import free of any matplotlib lookup).
-    if name in _PLOTS:
-        from . import plots
-
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -95,6 +92,7 @@ __all__ = [
     "LatentStatisticsResult",
     "PowerSpectrumResult",
     "UnmaskingResult",
+    "adm_reference_statistics",
     "as_decoder",
     "as_encoder",
     "blur_dynamics",
@@ -126,5 +124,11 @@ __all__ = [
     "spectral_slope",
     "ssim",
     "write_report",
-    *_PLOTS,
+    "log_to_tensorboard",
+    "plot_blur_dynamics",
+    "plot_latent_statistics",
+    "plot_power_spectrum",
+    "plot_unmasking",
+    "plot_unmasking_psnr",
+    "save_figure",
 ]

@@ -6,7 +6,8 @@
     ssreg-eval generation     --samples SAMPLES --reference REFERENCE --output_dir OUT
 
 Every subcommand writes JSON results and `report.md` (a markdown table, one row per model) into
-`--output_dir`; the latent analyses also write PNG figures with all VAEs side by side.
+`--output_dir`; the latent analyses also write PNG figures with all VAEs side by side. From Python,
+`run([...])` does the same and returns the results dict; `main` is the console entry point.
 """
 
 import argparse
@@ -67,6 +68,7 @@ def _add_vae_and_data(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
     data.add_argument("--dataset_split", default="validation", help="Split of --dataset_name.")
     data.add_argument("--image_column", default="image", help="Image column of --dataset_name.")
+    data.add_argument("--cache_dir", default=None, help="`datasets` cache folder for --dataset_name.")
     data.add_argument("--resolution", type=int, default=256,
                       help="Resize (short side) and centre-crop every image to this size; 0 keeps the files' size.")
     data.add_argument("--max_samples", type=int, default=None, help="Use at most this many images.")
@@ -137,7 +139,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be a positive integer, got {value}.")
     if getattr(args, "resolution", 0) is not None and args.resolution < 0:
         raise ValueError(f"--resolution must be >= 0 (0 keeps the files' size), got {args.resolution}.")
-    if args.feature_extractor == "none" and args.command == "generation":
+    if args.command == "generation" and args.feature_extractor == "none":
         raise ValueError("--feature_extractor none leaves nothing to compute for `generation`.")
     if args.command == "generation":
         return
@@ -163,14 +165,21 @@ def _check_args(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_subfolder(pretrained_model_name_or_path: str, subfolder: Optional[str] = None) -> Optional[str]:
+    """`subfolder`, or `"vae"` for a local pipeline folder (no config.json at its top, one in vae/)."""
+    path = pretrained_model_name_or_path
+    if subfolder is None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "vae", "config.json")):
+            return "vae"
+    return subfolder
+
+
 def load_vae(pretrained_model_name_or_path: str, subfolder: Optional[str] = None, torch_dtype=torch.float32):
     """`AutoencoderKL.from_pretrained(path_or_id, subfolder=...)`; a local pipeline folder's `vae/` is found on its own."""
     from diffusers import AutoencoderKL
 
     path = pretrained_model_name_or_path
-    if subfolder is None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, "vae", "config.json")):
-            subfolder = "vae"
+    subfolder = resolve_subfolder(path, subfolder)
     try:
         return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
     except (OSError, ValueError, EnvironmentError) as error:
@@ -202,7 +211,7 @@ def _data_source(args: argparse.Namespace) -> Tuple[Any, str]:
     if args.data_dir is not None:
         return args.data_dir, f"`{args.data_dir}`"
     dataset = load_dataset_images(args.dataset_name, split=args.dataset_split, config_name=args.dataset_config_name,
-                                  image_column=args.image_column)
+                                  image_column=args.image_column, cache_dir=args.cache_dir)
     return dataset, f"`{args.dataset_name}` ({args.dataset_config_name or 'default'}, split {args.dataset_split})"
 
 
@@ -241,6 +250,7 @@ def _run_vaes(args: argparse.Namespace, reconstruction: bool, latent: bool) -> D
     results: Dict[str, Dict[str, Any]] = {}
     blur, unmask, spectra, statistics = {}, {}, {}, {}
     for name, path, subfolder in zip(names, args.vae, subfolders):
+        subfolder = resolve_subfolder(path, subfolder)
         vae = load_vae(path, subfolder, DTYPES[args.dtype]).to(device).eval()
         entry: Dict[str, Any] = {"vae": {"pretrained_model_name_or_path": path, "subfolder": subfolder,
                                          "latent_channels": vae.config.latent_channels}}
@@ -352,26 +362,19 @@ def _command_line(args: argparse.Namespace) -> str:
     return "ssreg-eval " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
 
 
-def main(args: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Entry point of `ssreg-eval`; returns the results dict (also written to `--output_dir`)."""
-    from_console = args is None
-    argv = list(sys.argv[1:] if from_console else args)
-    try:
-        namespace = parse_args(argv)
-        namespace._argv = argv
-        if namespace.command == "generation":
-            output = _run_generation(namespace)
-        else:
-            output = _run_vaes(namespace, reconstruction=namespace.command in ("reconstruction", "compare"),
-                               latent=namespace.command in ("latent", "compare"))
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
-        if not from_console:  # called from Python (tests, notebooks): keep the exception
-            raise
-        print(f"ssreg-eval: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+def run(args: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Runs one `ssreg-eval` command given its arguments (default `sys.argv[1:]`) and returns the results dict
+    (also written to `--output_dir`); errors are raised as exceptions."""
+    argv = list(sys.argv[1:] if args is None else args)
+    namespace = parse_args(argv)
+    namespace._argv = argv
+    if namespace.command == "generation":
+        output = _run_generation(namespace)
+    else:
+        output = _run_vaes(namespace, reconstruction=namespace.command in ("reconstruction", "compare"),
+                           latent=namespace.command in ("latent", "compare"))
     with open(output["report"]) as f:
-        report = f.read()
-    table = [line for line in report.splitlines() if line.startswith("|")]
+        table = [line for line in f.read().splitlines() if line.startswith("|")]
     print("\n".join(table))
     print(f"\nwrote {output['report']} and {output['json']}")
     for path in output.get("figures", {}).values():
@@ -379,5 +382,15 @@ def main(args: Optional[List[str]] = None) -> Dict[str, Any]:
     return output
 
 
+def main(args: Optional[List[str]] = None) -> int:
+    """Console entry point of `ssreg-eval`: input and availability errors print one line and exit with status 2."""
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
+        print(f"ssreg-eval: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

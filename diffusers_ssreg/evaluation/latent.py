@@ -62,7 +62,9 @@ def as_encoder(model, sample_posterior: bool = False, generator: Optional[torch.
         return encode
     if callable(model):
         return lambda pixel_values: model(prepare(pixel_values)).float()
-    raise TypeError(f"the encoder must be an AutoencoderKL, have an `encode` method, or be callable; got {type(model).__name__}.")
+    raise TypeError(
+        f"the encoder must be an AutoencoderKL, have an `encode` method, or be callable; got {type(model).__name__}."
+    )
 
 
 def as_decoder(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -206,21 +208,33 @@ def fit_exponential(values: torch.Tensor, variances: Sequence[float], num_rates:
     rates = torch.logspace(math.log10(0.01 / float(tau.max())), math.log10(100.0 / float(positive.min())), num_rates,
                            dtype=torch.float64)
     ss_tot = (y - y.mean(-1, keepdim=True)).pow(2).sum(dim=(0, 2))  # (C,)
-    best_res = torch.full((y.shape[1],), math.inf, dtype=torch.float64)
-    best_rate = torch.zeros(y.shape[1], dtype=torch.float64)
-    for chunk in rates.split(64):
-        design = torch.stack([torch.ones(chunk.numel(), tau.numel(), dtype=torch.float64),
-                              torch.exp(-chunk[:, None] * tau[None, :])], dim=-1)  # (R, T, 2)
-        projection = design @ torch.linalg.pinv(design)  # (R, T, T): least squares for every (b, k) at once
-        fitted = torch.einsum("rts,ncs->rnct", projection, y)
-        residual = (y[None] - fitted).pow(2).sum(dim=(1, 3))  # (R, C)
-        res, index = residual.min(dim=0)
-        better = res < best_res
-        best_res = torch.where(better, res, best_res)
-        best_rate = torch.where(better, chunk[index], best_rate)
-    design = torch.stack([torch.ones(y.shape[1], tau.numel(), dtype=torch.float64),
-                          torch.exp(-best_rate[:, None] * tau[None, :])], dim=-1)  # (C, T, 2)
-    fitted = torch.einsum("cts,ncs->nct", design @ torch.linalg.pinv(design), y)
+
+    def residual(rate: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SS_res and the fitted values for one rate per channel: rate (C,) -> ((C,), (N, C, T))."""
+        design = torch.stack([torch.ones_like(rate)[:, None].expand(-1, tau.numel()),
+                              torch.exp(-rate[:, None] * tau[None, :])], dim=-1)  # (C, T, 2)
+        fitted = torch.einsum("cts,ncs->nct", design @ torch.linalg.pinv(design), y)  # least squares for (b, k)
+        return (y - fitted).pow(2).sum(dim=(0, 2)), fitted
+
+    # Coarse: a log grid of rates, every channel at once. Fine: golden-section search on log λ between the
+    # grid neighbours of the best rate (vectorized over channels, so no per-channel scipy call).
+    grid_res = torch.stack([residual(rate.expand(y.shape[1]))[0] for rate in rates])  # (R, C)
+    best = grid_res.argmin(dim=0)
+    log_rates = rates.log()
+    low = log_rates[(best - 1).clamp_min(0)]
+    high = log_rates[(best + 1).clamp_max(num_rates - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        left_better = residual(a.exp())[0] < residual(b.exp())[0]
+        high, low = torch.where(left_better, b, high), torch.where(left_better, low, a)
+    best_rate = ((low + high) / 2).exp()
+    best_res, fitted = residual(best_rate)
+    on_grid = grid_res.min(dim=0)
+    worse = on_grid.values < best_res  # keep the grid point if the refinement did not improve on it
+    if worse.any():
+        best_rate = torch.where(worse, rates[on_grid.indices], best_rate)
+        best_res, fitted = residual(best_rate)
     scale = y.pow(2).mean().sqrt()
     static = (ss_tot / (y.shape[0] * y.shape[2])).sqrt() <= 1e-4 * scale
     r2 = 1 - best_res / ss_tot.clamp_min(1e-300)

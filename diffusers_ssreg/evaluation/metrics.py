@@ -1,12 +1,13 @@
 """Reconstruction metrics (PSNR, SSIM, LPIPS, rFID) and generation metrics (FID, sFID, IS, precision/recall).
 
-The formulas come from maintained libraries where one fits: SSIM maps from torchmetrics, the Fréchet
-distance, Inception Score and k-NN precision/recall from torch-fidelity, LPIPS from `lpips` (through
-`diffusers_ssreg.losses.build_lpips`). What is written here is the glue: per-image metrics in the
-diffusers [-1, 1] convention, streaming feature statistics, labels that keep non-standard feature
-extractors apart from published FID, batching over devices, and JSON-ready results.
+The formulas come from maintained libraries where one fits: SSIM maps from torchmetrics, the Inception
+Score and k-NN precision/recall from torch-fidelity, LPIPS from `lpips` (through
+`diffusers_ssreg.losses.build_lpips`). Written here: the glue (per-image metrics in the diffusers [-1, 1]
+convention, streaming feature statistics, labels that keep non-standard feature extractors apart from
+published FID, batching over devices, JSON-ready results) and the Fréchet distance (see its comment).
 """
 
+import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -26,7 +27,9 @@ from .io import ImageSource, image_batches, quantize
 
 def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
     if not torch.is_tensor(prediction) or not torch.is_tensor(target):
-        raise TypeError(f"`prediction` and `target` must be tensors, got {type(prediction).__name__} and {type(target).__name__}.")
+        raise TypeError(
+            f"`prediction` and `target` must be tensors, got {type(prediction).__name__} and {type(target).__name__}."
+        )
     if prediction.shape != target.shape or prediction.ndim != 4:
         raise ValueError(
             f"`prediction` and `target` must have the same shape (batch_size, channels, height, width), got "
@@ -34,32 +37,41 @@ def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
-def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+def _check_range(value_range) -> Tuple[float, float]:
+    if not isinstance(value_range, (tuple, list)) or len(value_range) != 2 or not value_range[1] > value_range[0]:
+        raise ValueError(f"`value_range` must be a pair (low, high) with high > low, got {value_range!r}.")
+    return float(value_range[0]), float(value_range[1])
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor, value_range: Tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """
-    Peak signal-to-noise ratio per image, `(batch_size,)` float64: 10 log10(data_range² / MSE); `inf` for
-    identical images. `data_range` = 2 for the diffusers [-1, 1] convention (the same dB as on [0, 1]).
+    Peak signal-to-noise ratio per image, `(batch_size,)` float64: 10 log10(peak² / MSE) with peak = high - low
+    of `value_range` (the diffusers [-1, 1] by default; the same dB as on [0, 1] images); `inf` for identical images.
     """
     _check_pair(prediction, target)
+    low, high = _check_range(value_range)
     mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(data_range**2 / mse)  # mse == 0 -> inf
+    return 10 * torch.log10((high - low) ** 2 / mse)  # mse == 0 -> inf
 
 
-def ssim(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+def ssim(prediction: torch.Tensor, target: torch.Tensor, value_range: Tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """
-    Structural similarity per image, `(batch_size,)` (Wang et al. 2004): Gaussian window 11 x 11 with
-    σ = 1.5, K1 = 0.01, K2 = 0.03, averaged over the channels and the valid region (5-pixel border
-    excluded), which equals `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False)` and Wang's reference code. torchmetrics computes the SSIM map; it
-    averages over the reflect-padded border too, hence the crop here.
+    Structural similarity per image, `(batch_size,)` float64 (Wang et al. 2004), on images mapped from
+    `value_range` to [0, 1] (SSIM's luminance term is not shift-invariant; [0, 1] is the usual convention):
+    Gaussian window 11 x 11 with σ = 1.5, K1 = 0.01, K2 = 0.03, averaged over the channels and the valid
+    region (5-pixel border excluded). This equals `skimage.metrics.structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1)` and Wang's reference code; torchmetrics computes the
+    SSIM map but averages over its reflect-padded border too, hence the crop here.
     """
     _check_pair(prediction, target)
+    low, high = _check_range(value_range)
     if min(prediction.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11 x 11 pixels, got {tuple(prediction.shape[-2:])}.")
     tm_ssim = require("torchmetrics.functional.image", "SSIM", "torchmetrics").structural_similarity_index_measure
     dtype = torch.float64 if prediction.device.type == "cpu" else torch.float32
-    _, ssim_map = tm_ssim(
-        prediction.to(dtype), target.to(dtype), data_range=data_range, reduction="none", return_full_image=True
-    )
+    prediction = (prediction.to(dtype) - low) / (high - low)
+    target = (target.to(dtype) - low) / (high - low)
+    _, ssim_map = tm_ssim(prediction, target, data_range=1.0, reduction="none", return_full_image=True)
     pad = 5  # (11 - 1) // 2
     return ssim_map[..., pad:-pad, pad:-pad].flatten(1).mean(dim=1).double()
 
@@ -108,9 +120,8 @@ def gaussian_statistics(features: Union[torch.Tensor, np.ndarray]) -> Tuple[np.n
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """
     Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1 - mu2|² + tr(S1 + S2 - 2 (S1 S2)^½)
-    (Heusel et al. 2017), computed by torch-fidelity (trace of the square root from the eigenvalues of S1 S2).
+    (Heusel et al. 2017).
     """
-    metric_fid = require("torch_fidelity.metric_fid", "FID", "torch-fidelity")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     if mu1.ndim != 1 or mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
@@ -118,8 +129,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
             f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}; "
             f"both sets must come from the same feature extractor and layer."
         )
-    out = metric_fid.fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False)
-    return float(out[metric_fid.KEY_METRIC_FID])
+    # Written out rather than taken from torch-fidelity / pytorch-fid (general eig or sqrtm of S1 S2): with
+    # tr((S1 S2)^½) = tr((S1^½ S2 S1^½)^½) it takes two symmetric eigendecompositions, several times faster
+    # at D = 2048 and free of the complex round-off the general form has to discard. Same value. In torch
+    # (float64, CPU) so that it follows torch's thread settings rather than numpy's BLAS pool.
+    s1, s2 = torch.from_numpy(sigma1), torch.from_numpy(sigma2)
+    eigenvalues, eigenvectors = torch.linalg.eigh(s1)
+    root1 = (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
+    inner = root1 @ s2 @ root1
+    tr_covmean = float(torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> Tuple[float, float]:
@@ -170,16 +190,22 @@ def generation_metrics_from_features(
     metric_suffix: str = "",
     neighborhood: int = 3,
     splits: int = 10,
+    reference_statistics: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
 ) -> Dict[str, float]:
     """
     FID, sFID, IS and precision/recall from extracted features (dicts with `"pool"` and optionally
     `"spatial"` and `"logits"`, as returned by `extract_features`). Keys: `FID{suffix}`, `sFID{suffix}`
     (when both have `"spatial"`), `IS{suffix}` and `IS{suffix}_std` (when the samples have `"logits"`),
     `precision{suffix}`, `recall{suffix}`.
+
+    `reference_statistics` (`{"pool": (mu, sigma), "spatial": (mu, sigma)}`, e.g. from an ADM reference
+    batch) replaces the reference features' own Gaussian statistics for FID / sFID; precision and recall
+    always use the reference features.
     """
     for label, features in (("sample_features", sample_features), ("reference_features", reference_features)):
         if not isinstance(features, dict) or "pool" not in features:
             raise ValueError(f"`{label}` must be a dict with a 'pool' entry, got {type(features).__name__}.")
+    reference_statistics = reference_statistics or {}
     metrics: Dict[str, float] = {}
     pool_s, pool_r = sample_features["pool"], reference_features["pool"]
     if pool_s.shape[1:] != pool_r.shape[1:]:
@@ -187,16 +213,32 @@ def generation_metrics_from_features(
             f"sample 'pool' features have shape {tuple(pool_s.shape[1:])} but reference ones {tuple(pool_r.shape[1:])}: "
             f"both sets must come from the same feature extractor."
         )
-    metrics[f"FID{metric_suffix}"] = frechet_distance(*gaussian_statistics(pool_s), *gaussian_statistics(pool_r))
-    if "spatial" in sample_features and "spatial" in reference_features:
-        metrics[f"sFID{metric_suffix}"] = frechet_distance(
-            *gaussian_statistics(sample_features["spatial"]), *gaussian_statistics(reference_features["spatial"])
-        )
+    for key, name in (("pool", "FID"), ("spatial", "sFID")):
+        if key not in sample_features or (key not in reference_features and key not in reference_statistics):
+            continue
+        reference = reference_statistics.get(key) or gaussian_statistics(reference_features[key])
+        metrics[f"{name}{metric_suffix}"] = frechet_distance(*gaussian_statistics(sample_features[key]), *reference)
     if "logits" in sample_features:
         metrics[f"IS{metric_suffix}"], metrics[f"IS{metric_suffix}_std"] = inception_score(sample_features["logits"], splits)
     precision, recall = precision_recall(pool_s, pool_r, neighborhood)
     metrics[f"precision{metric_suffix}"], metrics[f"recall{metric_suffix}"] = precision, recall
     return metrics
+
+
+def adm_reference_statistics(reference) -> Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """`{"pool": (mu, sigma), "spatial": (mu_s, sigma_s)}` from an ADM reference-batch `.npz` that has them, else None."""
+    if not isinstance(reference, (str, os.PathLike)) or not os.fspath(reference).lower().endswith(".npz"):
+        return None
+    if not os.path.isfile(reference):
+        return None
+    with np.load(reference) as archive:
+        keys = set(archive.keys())
+        stats = {}
+        if {"mu", "sigma"} <= keys:
+            stats["pool"] = (archive["mu"].astype(np.float64), archive["sigma"].astype(np.float64))
+        if {"mu_s", "sigma_s"} <= keys:
+            stats["spatial"] = (archive["mu_s"].astype(np.float64), archive["sigma_s"].astype(np.float64))
+    return stats or None
 
 
 @torch.inference_mode()
@@ -216,7 +258,9 @@ def extract_features(
     extractor = build_feature_extractor(feature_extractor, **extractor_kwargs)
     device = resolve_device(device)
     extractor.to(device).eval()
-    batches = image_batches(images, batch_size=batch_size, resolution=resolution, max_samples=max_samples, num_workers=num_workers)
+    batches = image_batches(
+        images, batch_size=batch_size, resolution=resolution, max_samples=max_samples, num_workers=num_workers
+    )
     collected: Dict[str, list] = {}
     for batch in progress_bar(batches, progress, desc=description, total=_num_batches(batches), unit="batch"):
         for key, value in extractor(batch.to(device)).items():
@@ -268,12 +312,16 @@ def evaluate_generation(
     extractor = build_feature_extractor(feature_extractor, inception_weights=inception_weights, allow_download=allow_download)
     if extractor is None:
         raise ValueError("`feature_extractor` must not be None for generation metrics.")
+    # ADM's reference batches carry Inception statistics of the whole reference set (mu, sigma, mu_s, sigma_s)
+    # beside 10k images: FID/sFID use those, as ADM's evaluator does; they mean nothing to another extractor.
+    reference_statistics = adm_reference_statistics(reference) if extractor.standard else None
     common = dict(batch_size=batch_size, resolution=resolution, max_samples=max_samples, device=device,
                   num_workers=num_workers, progress=progress)
     sample_features = extract_features(samples, extractor, description="samples", **common)
     reference_features = extract_features(reference, extractor, description="reference", **common)
     metrics = generation_metrics_from_features(
-        sample_features, reference_features, extractor.metric_suffix, neighborhood=neighborhood, splits=splits
+        sample_features, reference_features, extractor.metric_suffix, neighborhood=neighborhood, splits=splits,
+        reference_statistics=reference_statistics,
     )
     return {
         "metrics": metrics,
@@ -281,7 +329,8 @@ def evaluate_generation(
         "num_samples": int(sample_features["pool"].shape[0]),
         "num_reference": int(reference_features["pool"].shape[0]),
         "settings": {"resolution": resolution, "neighborhood": neighborhood, "splits": splits,
-                     "max_samples": max_samples, "device": str(resolve_device(device))},
+                     "max_samples": max_samples, "device": str(resolve_device(device)),
+                     "reference_statistics": sorted(reference_statistics) if reference_statistics else None},
         "seconds": round(time.time() - start, 2),
         "diffusers_ssreg_version": __version__,
     }
@@ -295,7 +344,8 @@ def evaluate_generation(
 def reconstruction_fn(
     vae, sample_posterior: bool = False, generator: Optional[torch.Generator] = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`pixel_values -> reconstruction` for an AutoencoderKL-like model (`encode(...).latent_dist`, `decode(...).sample`) or a callable."""
+    """`pixel_values -> reconstruction` for an AutoencoderKL-like model (`encode().latent_dist`, `decode().sample`)
+    or a callable."""
     if hasattr(vae, "encode") and hasattr(vae, "decode"):
         from .latent import as_decoder, as_encoder
 
@@ -376,7 +426,9 @@ def evaluate_reconstruction(
     else:
         skipped["rFID"] = "feature_extractor=None"
 
-    batches = image_batches(images, batch_size=batch_size, resolution=resolution, max_samples=max_samples, num_workers=num_workers)
+    batches = image_batches(
+        images, batch_size=batch_size, resolution=resolution, max_samples=max_samples, num_workers=num_workers
+    )
     per_image: Dict[str, list] = {"PSNR": [], "SSIM": [], "LPIPS": []}
     for batch in progress_bar(batches, progress, desc=description, total=_num_batches(batches), unit="batch"):
         batch = batch.to(device)

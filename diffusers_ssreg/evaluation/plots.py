@@ -148,8 +148,8 @@ def plot_unmasking_psnr(results: Mapping[str, UnmaskingResult], path: Optional[s
 def plot_power_spectrum(results: Mapping[str, PowerSpectrumResult], path: Optional[str] = None):
     """
     Per model, the radially averaged PSD of each centred latent channel (coloured by frequency group
-    w + h, dark = low), normalized to unit total power, against cycles per image; the images' own
-    spectrum is the dashed black line.
+    w + h, dark = low) against cycles per image, each curve divided by its value at 1 cycle per image so
+    that the decays can be compared; the images' own spectrum is the dashed black line.
     """
     _check_results(results, PowerSpectrumResult, "latent_power_spectrum")
     colormaps = require("matplotlib.cm", "plotting", "matplotlib")
@@ -163,14 +163,14 @@ def plot_power_spectrum(results: Mapping[str, PowerSpectrumResult], path: Option
         for channel, psd in enumerate(result.psd):
             psd = psd.numpy()
             color = colormaps.viridis(0.85 * groups[channel] / top)
-            ax.loglog(latent_cycles, psd / max(psd.sum(), 1e-30), color=color, linewidth=1.1,
+            ax.loglog(latent_cycles, psd / max(psd[0], 1e-30), color=color, linewidth=1.1,
                       label=f"ch{channel} slope {float(result.slope[channel]):.2f}" if result.psd.shape[0] <= 8 else None)
         image_psd = result.image_psd.numpy()
-        ax.loglog(image_cycles, image_psd / max(image_psd.sum(), 1e-30), "k--", linewidth=1.2,
+        ax.loglog(image_cycles, image_psd / max(image_psd[0], 1e-30), "k--", linewidth=1.2,
                   label=f"image slope {result.image_slope:.2f}")
         ax.set_title(f"{label}: mean slope {result.mean_slope:.2f}", fontsize=9)
         ax.set_xlabel("cycles per image")
-        ax.set_ylabel("normalized PSD")
+        ax.set_ylabel("PSD / PSD at 1 cycle")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6)
     return _finish(figure, path)

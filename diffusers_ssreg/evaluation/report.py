@@ -38,7 +38,7 @@ def _format(value: Any, digits: int) -> str:
         magnitude = abs(value)
         if magnitude != 0 and (magnitude >= 1e5 or magnitude < 10 ** -(digits - 1)):
             return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}" if magnitude >= 10 ** digits else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+        return f"{value:.{digits}g}" if magnitude >= 10 ** digits else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -103,7 +103,14 @@ def write_report(
         row: Dict[str, Any] = {}
         for section in ("reconstruction", "generation"):
             if result.get(section):
+                count = result[section].get("num_images", result[section].get("num_samples"))
+                if count is not None:
+                    row["images"] = count
                 row.update(result[section].get("metrics", {}))
+                for metric, reason in result[section].get("skipped", {}).items():
+                    note = f"{metric} not computed ({reason})."
+                    if note not in notes:
+                        notes.append(note)
                 extractor = result[section].get("feature_extractor")
                 if extractor and not extractor.get("standard", False):
                     note = f"`{extractor['metric_suffix'].lstrip('-')}` scores: {extractor['note']}."
@@ -130,7 +137,7 @@ def write_report(
         lines += [f"- `{c}`: {LATENT_COLUMNS[c][0]}." for c in used_latent]
         lines.append("")
     if notes:
-        lines.append("Comparability:")
+        lines.append("Notes:")
         lines += [f"- {n}" for n in notes]
         lines.append("")
     lines.append("See docs/evaluation.md for how every number and figure is computed and which are comparable "
