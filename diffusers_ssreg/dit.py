@@ -30,7 +30,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
-from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -250,7 +249,7 @@ def fold_latent_normalization(vae: AutoencoderKL, mean: Sequence[float], std: Se
     shift = torch.as_tensor(mean, dtype=torch.float64)
     if vae.post_quant_conv is not None:  # W (z_n * std + mean) + b
         weight = vae.post_quant_conv.weight.double().view(channels, channels)
-        bias = vae.post_quant_conv.bias.double() if vae.post_quant_conv.bias is not None else torch.zeros(channels, dtype=torch.float64)
+        bias = vae.post_quant_conv.bias.double()
     else:
         weight, bias = torch.eye(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
     folded.post_quant_conv.weight.copy_((weight * scale[None, :]).view(channels, channels, 1, 1))
@@ -458,6 +457,8 @@ def flow_velocity_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Te
 
 def sample_flow_sigmas(batch_size: int, device, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
     """Logit-normal sigmas `sigmoid(N(logit_mean, logit_std))` (SD3, LightningDiT), via diffusers' helper."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling  # training-only imports stay lazy
+
     return compute_density_for_timestep_sampling(
         "logit_normal", batch_size, logit_mean=logit_mean, logit_std=logit_std, device=device
     )
@@ -495,7 +496,9 @@ class DiTTrainingLoss(torch.nn.Module):
         logit_mean, logit_std (`float`): the logit-normal sigma distribution of the flow objective.
     """
 
-    def __init__(self, transformer, objective, latents_mean, latents_std, class_dropout_prob=0.1, logit_mean=0.0, logit_std=1.0):
+    def __init__(
+        self, transformer, objective, latents_mean, latents_std, class_dropout_prob=0.1, logit_mean=0.0, logit_std=1.0
+    ):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}.")
@@ -508,8 +511,8 @@ class DiTTrainingLoss(torch.nn.Module):
         channels = transformer.config.in_channels
         if len(latents_mean) != channels or len(latents_std) != channels:
             raise ValueError(f"latents_mean/latents_std need {channels} entries, got {len(latents_mean)}/{len(latents_std)}.")
-        self.register_buffer("latents_mean", torch.tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         if objective == "ddpm":  # ADM's q(x_{t-1} | x_t, x_0) tables, computed in float64
             betas = ddpm_noise_scheduler().betas.double()
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -539,7 +542,8 @@ class DiTTrainingLoss(torch.nn.Module):
             prediction = self.transformer(model_input, timestep=sigmas * NUM_TRAIN_TIMESTEPS, class_labels=class_labels).sample
             return F.mse_loss(prediction.float(), flow_velocity_target(latents, noise))
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), device=latents.device)
-        noisy = self._at(self.sqrt_alphas_cumprod, timesteps) * latents + self._at(self.sqrt_one_minus_alphas_cumprod, timesteps) * noise
+        signal, noise_scale = self._at(self.sqrt_alphas_cumprod, timesteps), self._at(self.sqrt_one_minus_alphas_cumprod, timesteps)
+        noisy = signal * latents + noise_scale * noise
         output = self.transformer(noisy, timestep=timesteps, class_labels=class_labels).sample.float()
         epsilon, variance_values = output.chunk(2, dim=1)
         mse = ((noise - epsilon) ** 2).mean(dim=(1, 2, 3))
@@ -604,8 +608,10 @@ def train_step(
     return DiTStepOutput(loss.detach(), grad_norm)
 
 
-def create_ema(transformer: DiTTransformer2DModel, decay: float = 0.9999) -> EMAModel:
+def create_ema(transformer: DiTTransformer2DModel, decay: float = 0.9999):
     """diffusers' EMAModel at a constant `decay` (DiT's 0.9999: no warm-up; the first update copies the weights)."""
+    from diffusers.training_utils import EMAModel
+
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"the EMA decay must be in [0, 1), got {decay}.")
     return EMAModel(
@@ -677,7 +683,7 @@ def write_normalization_file(folder: str, objective: str, mode: str, latents_mea
 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict:
-    """`from_pretrained`'s dtype argument: `dtype` where diffusers has renamed `torch_dtype` (0.42 warns), else `torch_dtype`."""
+    """`from_pretrained`'s dtype argument: `dtype` where diffusers renamed `torch_dtype` (0.42 warns), else `torch_dtype`."""
     from diffusers.utils import deprecation_utils
 
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}

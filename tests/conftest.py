@@ -137,3 +137,38 @@ def photo_batch():
 def photo_crops_factory():
     """`photo_crops(batch_size=4, size=32, dtype=torch.float32, grayscale=False)`."""
     return photo_crops
+
+
+# --------------------------------------------------------------------------------------------
+# Example scripts through a real `accelerate launch`
+# --------------------------------------------------------------------------------------------
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def accelerate_launch(script: str, args: Sequence[str], num_processes: int = 1, check: bool = True, background: bool = False):
+    """
+    Runs `accelerate launch <script> <args>` on the CPU (a gloo group when `num_processes` > 1) offline.
+    Returns the `CompletedProcess` (raising with the output tail when `check` fails), or with
+    `background` the `Popen`, in its own process group so a test can Ctrl-C launcher and script together.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    if num_processes > 1:  # torchrun-style processes; ACCELERATE_USE_CPU makes them one gloo group on CPU
+        command += ["--multi_gpu"]
+        env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        command += ["--cpu"]
+    command += [os.path.join(REPO_ROOT, script), *args]
+    if background:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "finetune_vae.py")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import finetune_vae  # noqa: E402
+from conftest import accelerate_launch  # noqa: E402
 
 
 TINY_VAE = dict(
@@ -58,24 +58,8 @@ def workspace(tmp_path_factory):
     return {"root": root, "config": str(config_dir), "images": str(root / "images")}
 
 
-def launch(args, num_processes=1, check=True, env_extra=None, background=False):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env_extra or {}))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    if num_processes > 1:  # torchrun-style processes; ACCELERATE_USE_CPU makes them one gloo group on CPU
-        command += ["--multi_gpu"]
-        env["ACCELERATE_USE_CPU"] = "1"
-    else:
-        command += ["--cpu"]
-    command += [SCRIPT, *args]
-    if background:  # its own process group, so a test can Ctrl-C the launcher and the script together
-        return subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
+def launch(args, num_processes=1, check=True, background=False):
+    return accelerate_launch("examples/finetune_vae.py", args, num_processes, check, background)
 
 
 def base_args(workspace, output_dir, steps):

