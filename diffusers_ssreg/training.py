@@ -4,10 +4,11 @@ Written against Accelerate's `save_state`/`load_state` and diffusers' convention
 (`checkpoint-<step>` folders, `--resume_from_checkpoint latest`, `--checkpoints_total_limit`).
 """
 
+import argparse
 import json
 import logging
-import math
 import os
+import math
 import re
 import shutil
 from typing import List, Optional
@@ -19,6 +20,68 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
+
+
+# --------------------------------------------------------------------------------------------
+# The command-line flags every training script shares (diffusers' example-script names)
+# --------------------------------------------------------------------------------------------
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
+    """Adds the optimization, logging, checkpoint and Hub flags; `defaults` overrides their defaults per script."""
+    group = parser.add_argument_group("training (shared by the example scripts)")
+    add = group.add_argument
+    add("--output_dir", type=str, default="output")
+    add("--seed", type=int, default=0)
+    add("--train_batch_size", type=int, default=32, help="Per-device batch size.")
+    add("--max_train_steps", type=int, default=None)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--gradient_checkpointing", action="store_true")
+    add("--learning_rate", type=float, default=1e-4)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=0.0)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (None: no clipping).")
+    add("--max_nonfinite_steps", type=int, default=5, help="Stop after this many NaN/inf steps in a row.")
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    add("--allow_tf32", action="store_true")
+    add("--dataloader_num_workers", type=int, default=0)
+    add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
+    add("--logging_dir", type=str, default="logs")
+    add("--logging_steps", type=int, default=10, help="Read losses back from the device every N steps.")
+    add("--validation_steps", type=int, default=None, help="Validate every N steps (default: 10 times a run).")
+    add("--num_validation_images", type=int, default=8)
+    add("--checkpointing_steps", type=int, default=500)
+    add("--checkpoints_total_limit", type=int, default=None)
+    add("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", type=str, default=None, help="Default: the output folder's name.")
+    add("--hub_token", type=str, default=None)
+    add("--hub_private", action="store_true")
+    unknown = set(defaults) - {a.dest for a in group._group_actions}
+    if unknown:
+        raise ValueError(f"no shared training flags named {sorted(unknown)}")
+    parser.set_defaults(**defaults)
+
+
+def check_training_arguments(args, positive=(), optional_positive=()) -> None:
+    """Cross-argument checks of the shared flags (plus the script's own `positive` ones): ValueError before any work."""
+    for name in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
+                 "num_validation_images", "max_nonfinite_steps", *positive):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit", *optional_positive):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise ValueError(f"--max_grad_norm must be positive, got {args.max_grad_norm}.")
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("--hub_token with --report_to wandb would expose the token: use `huggingface-cli login`.")
 
 
 # --------------------------------------------------------------------------------------------

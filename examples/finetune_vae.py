@@ -33,6 +33,8 @@ from diffusers_ssreg.config import add_config_arguments, config_from_args
 from diffusers_ssreg.hub import push_folder
 from diffusers_ssreg.training import (
     NonFiniteGuard,
+    add_training_arguments,
+    check_training_arguments,
     get_paper_scheduler,
     optimizer_step,
     read_training_state,
@@ -79,46 +81,18 @@ def parse_args(input_args=None):
     parser.add_argument("--validation_data_dir", type=str, default=None, help="Folder of held-out validation images.")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--num_validation_images", type=int, default=8, help="Size of the fixed validation batch.")
     parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default 256; demo 64).")
     parser.add_argument("--center_crop", action="store_true", help="Center instead of random crops.")
     parser.add_argument("--no_random_flip", action="store_true", help="Disable random horizontal flips.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    # optimization
-    parser.add_argument("--output_dir", type=str, default="ssreg-vae")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_batch_size", type=int, default=None, help="Per-device batch size (default 32; demo 8).")
     parser.add_argument("--num_train_epochs", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=None, help="Base LR (default 1e-5, the paper's Flux value).")
     parser.add_argument("--lr_warmup_start", type=float, default=1e-7, help="LR at step 0 of the warm-up.")
     parser.add_argument("--lr_min", type=float, default=1e-6, help="LR at the end of the cosine decay.")
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.1)
     parser.add_argument("--lr_decay_ratio", type=float, default=0.5)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
-    parser.add_argument("--max_grad_norm", type=float, default=50.0)
-    parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many NaN/inf steps in a row.")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument("--use_torch_compile", action="store_true", help="torch.compile the encoder, decoder, EMA target and LPIPS.")
     parser.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPU).")
-    # logging, validation, checkpoints, hub
-    parser.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--logging_steps", type=int, default=10, help="Read losses back from the device every N steps.")
-    parser.add_argument("--validation_steps", type=int, default=None, help="Validate every N steps (default: 10 times a run).")
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
-    parser.add_argument("--hub_private", action="store_true")
+    # None = the real-run or demo default of DEMO_FLAGS; the paper's clipping norm
+    add_training_arguments(parser, output_dir="ssreg-vae", train_batch_size=None, learning_rate=None, max_grad_norm=50.0)
     add_config_arguments(parser)
 
     args = parser.parse_args(input_args)
@@ -138,19 +112,7 @@ def parse_args(input_args=None):
         raise ValueError("a model was given but no data: pass --train_data_dir or --dataset_name (or neither, for the demo).")
     if args.validation_split and not args.dataset_name:
         raise ValueError("--validation_split needs --dataset_name.")
-    if args.push_to_hub and not args.hub_model_id:
-        args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise ValueError("--hub_token with --report_to wandb would expose the token: use `huggingface-cli login`.")
-    for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "logging_steps", "checkpointing_steps", "num_validation_images"):  # fmt: skip
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if not args.learning_rate > 0:
-        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    check_training_arguments(args, positive=("resolution", "num_train_epochs"))
     args.ssreg_config = config_from_args(args, defaults=DEMO_SSREG_DEFAULTS if args.demo else None)
     return args
 

@@ -48,7 +48,15 @@ from diffusers_ssreg.dit import (
     write_normalization_file,
 )
 from diffusers_ssreg.hub import push_folder, render_model_card
-from diffusers_ssreg.training import NonFiniteGuard, read_training_state, resolve_resume_checkpoint, save_checkpoint, unwrap
+from diffusers_ssreg.training import (
+    NonFiniteGuard,
+    add_training_arguments,
+    check_training_arguments,
+    read_training_state,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -79,68 +87,29 @@ def parse_args(input_args=None):
     parser.add_argument("--logit_mean", type=float, default=0.0, help="Flow: mean of the logit-normal sigmas.")
     parser.add_argument("--logit_std", type=float, default=1.0, help="Flow: std of the logit-normal sigmas.")
     # optimization
-    parser.add_argument("--output_dir", type=str, default="dit-output")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_batch_size", type=int, default=32, help="Per device (DiT: 256 in total).")
-    parser.add_argument("--max_train_steps", type=int, default=80_000, help="The paper trains DiT-B/2 for 80K steps.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--lr_scheduler", type=str, default="constant", help="A diffusers get_scheduler name.")
     parser.add_argument("--lr_warmup_steps", type=int, default=0)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
-    parser.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (DiT: no clipping).")
-    parser.add_argument("--max_nonfinite_steps", type=int, default=5, help="Stop after this many NaN/inf steps in a row.")
     parser.add_argument("--ema_decay", type=float, default=0.9999, help="Constant EMA decay (0 exports the raw weights).")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--allow_tf32", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward (through Accelerate).")
-    parser.add_argument("--dataloader_num_workers", type=int, default=2)
-    # logging, validation, checkpoints, hub
-    parser.add_argument("--report_to", type=str, default="tensorboard")
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--logging_steps", type=int, default=100, help="Read the loss back from the device every N steps.")
-    parser.add_argument("--validation_steps", type=int, default=None, help="Sample grid every N steps (default: 10 a run).")
-    parser.add_argument("--num_validation_images", type=int, default=16)
     parser.add_argument("--validation_guidance_scale", type=float, default=1.0)
     parser.add_argument("--validation_inference_steps", type=int, default=50)
-    parser.add_argument("--checkpointing_steps", type=int, default=5000)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
-    parser.add_argument("--hub_private", action="store_true")
+    add_training_arguments(
+        parser, output_dir="dit-output", max_train_steps=80_000, learning_rate=1e-4, dataloader_num_workers=2,
+        logging_steps=100, num_validation_images=16, checkpointing_steps=5000,
+    )  # DiT: batch 32 per device (256 in total), 80K steps as the paper, no clipping
 
     args = parser.parse_args(input_args)
     # --- cross-argument checks: fail before any work ---
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
-                 "num_validation_images", "validation_inference_steps", "max_nonfinite_steps"):  # fmt: skip
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    for name in ("validation_steps", "checkpoints_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if not args.learning_rate > 0:
-        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    check_training_arguments(args, positive=("max_train_steps", "validation_inference_steps"))
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        raise ValueError(f"--max_grad_norm must be positive, got {args.max_grad_norm}.")
     if not args.logit_std > 0:
         raise ValueError(f"--logit_std must be positive, got {args.logit_std}.")
     if args.validation_guidance_scale > 1 and args.class_dropout_prob == 0:
         raise ValueError("--validation_guidance_scale > 1 needs a null class: train with --class_dropout_prob > 0.")
     args.transformer_overrides = load_config_overrides("transformer_config", args.transformer_config)
-    if args.push_to_hub and not args.hub_model_id:
-        args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise ValueError("--hub_token with --report_to wandb would expose the token: use `huggingface-cli login`.")
     return args
 
 
