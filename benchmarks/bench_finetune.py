@@ -71,6 +71,8 @@ def parse_args(input_args=None):
         help="Our variants (ssreg, plain) run channels_last; the stock baseline stays as diffusers users run it.",
     )  # fmt: skip
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--activation_memory_budget", type=float, default=None,
+                        help="Compiled runs: torch._functorch activation memory budget in (0, 1] (see compile_modules).")
     parser.add_argument("--lpips_pretrained_backbone", action="store_true")
     parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top kernels of one ssreg step.")
     parser.add_argument("--output_json", default=None)
@@ -139,7 +141,7 @@ def make_ssreg_step(args, compile_, alpha):
     if args.channels_last:
         regularizer = regularizer.to(memory_format=torch.channels_last)
     if compile_:
-        compile_modules(regularizer)
+        compile_modules(regularizer, args.activation_memory_budget)
     optimizer = torch.optim.AdamW(regularizer.parameter_groups(1e-5), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]

@@ -53,8 +53,20 @@ def demo_vae(seed: int = 0) -> AutoencoderKL:
     )
 
 
-def compile_modules(regularizer) -> None:
-    """`torch.compile` the modules that carry the step's FLOPs, in place: encoder, decoder, EMA target, LPIPS."""
+def compile_modules(regularizer, activation_memory_budget: Optional[float] = None) -> None:
+    """
+    `torch.compile` the modules that carry the step's FLOPs, in place: encoder, decoder, EMA target, LPIPS.
+
+    `activation_memory_budget` in (0, 1] lets the compiler recompute cheap activations in the backward
+    instead of saving them (torch._functorch's min-cut partitioner): 1 saves everything, lower values
+    trade a little compute for memory.
+    """
+    if activation_memory_budget is not None:
+        if not 0 < activation_memory_budget <= 1:
+            raise ValueError(f"`activation_memory_budget` must be in (0, 1], got {activation_memory_budget!r}.")
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = activation_memory_budget
     for module in (regularizer.vae.encoder, regularizer.vae.decoder, regularizer.target_encoder, regularizer.lpips):
         if module is not None:
             module.compile()

@@ -90,7 +90,11 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.1)
     parser.add_argument("--lr_decay_ratio", type=float, default=0.5)
     parser.add_argument("--use_torch_compile", action="store_true", help="torch.compile the encoder, decoder, EMA target and LPIPS.")
-    parser.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs on GPU).")
+    parser.add_argument("--activation_memory_budget", type=float, default=None,
+                        help="With --use_torch_compile: fraction of activations kept for the backward (0, 1]; "
+                        "lower recomputes more and saves memory.")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="channels_last memory format (measured slower for the Flux VAE: docs/benchmarks.md).")
     # None = the real-run or demo default of DEMO_FLAGS; the paper's clipping norm
     add_training_arguments(parser, output_dir="ssreg-vae", train_batch_size=None, learning_rate=None, max_grad_norm=50.0)
     add_config_arguments(parser)
@@ -202,7 +206,7 @@ def main(args):
     if args.channels_last:
         regularizer.to(memory_format=torch.channels_last)
     if args.use_torch_compile:
-        compile_modules(regularizer)
+        compile_modules(regularizer, args.activation_memory_budget)
     train_dataset, validation_batch, data_description = build_datasets(args)
 
     if accelerator.is_main_process:
@@ -326,6 +330,8 @@ def main(args):
                     means = {k: (v / count).item() for k, v in accelerator.reduce(sums, reduction="mean").items()}
                     means["lr"] = lr_scheduler.get_last_lr()[0]
                     means["grad_norm"] = float(grad_norm)
+                    if torch.cuda.is_available():
+                        means["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     means["img_per_s"] = count * args.train_batch_size * accelerator.num_processes / (
                         time.perf_counter() - last_log_time
                     )
