@@ -81,6 +81,8 @@ def parse_args(input_args=None):
     parser.add_argument("--validation_data_dir", type=str, default=None, help="Folder of held-out validation images.")
     parser.add_argument("--cache_dir", type=str, default=None)
     parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--train_data_repeats", type=int, default=1,
+                        help="Visit a small --train_data_dir this many times per epoch (each with fresh random crops).")
     parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default 256; demo 64).")
     parser.add_argument("--center_crop", action="store_true", help="Center instead of random crops.")
     parser.add_argument("--no_random_flip", action="store_true", help="Disable random horizontal flips.")
@@ -116,7 +118,7 @@ def parse_args(input_args=None):
         raise ValueError("a model was given but no data: pass --train_data_dir or --dataset_name (or neither, for the demo).")
     if args.validation_split and not args.dataset_name:
         raise ValueError("--validation_split needs --dataset_name.")
-    check_training_arguments(args, positive=("resolution", "num_train_epochs"))
+    check_training_arguments(args, positive=("resolution", "num_train_epochs", "train_data_repeats"))
     args.ssreg_config = config_from_args(args, defaults=DEMO_SSREG_DEFAULTS if args.demo else None)
     return args
 
@@ -141,6 +143,7 @@ def build_datasets(args):
     eval_transform = ssreg_data.image_transform(args.resolution, center_crop=True, random_flip=False)
     if args.train_data_dir:
         train = ssreg_data.folder_image_dataset(args.train_data_dir, train_transform, seed=args.seed)
+        train.length = len(train.items) * args.train_data_repeats
         description = f"images from `{os.path.basename(os.path.normpath(args.train_data_dir))}`"
     else:
         train = ssreg_data.hub_image_dataset(
@@ -161,7 +164,7 @@ def build_datasets(args):
             raise ValueError(f"the training data has {len(train.items)} images, too few to hold out {count} for validation.")
         held_items = train.items.select(range(count)) if hasattr(train.items, "select") else train.items[:count]
         train.items = train.items.select(range(count, len(train.items))) if hasattr(train.items, "select") else train.items[count:]
-        train.length = len(train.items)
+        train.length = len(train.items) * (args.train_data_repeats if args.train_data_dir else 1)
         held_out = ssreg_data.ImageDataset(held_items, eval_transform, load=train.load)
         logger.info(f"No validation data given: holding out the first {count} training images.")
     validation = torch.stack([held_out[i]["pixel_values"] for i in range(min(len(held_out), args.num_validation_images))])
@@ -210,7 +213,7 @@ def main(args):
     train_dataset, validation_batch, data_description = build_datasets(args)
 
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        os.makedirs(logging_dir, exist_ok=True)
 
     # --- checkpoints hold save_pretrained folders, not raw state dicts (diffusers' convention) ---
     def save_model_hook(models, weights, output_dir):
@@ -336,6 +339,9 @@ def main(args):
                         time.perf_counter() - last_log_time
                     )
                     accelerator.log({f"train/{k}": v for k, v in means.items()}, step=global_step)
+                    if accelerator.is_main_process:  # a plain-text copy of the curve, whatever the tracker
+                        with open(os.path.join(logging_dir, "train_metrics.jsonl"), "a") as f:
+                            f.write(json.dumps({"step": global_step, **means}) + "\n")
                     progress.set_postfix(loss=f"{means['loss']:.4f}", latent=f"{means['latent_mse']:.4f}", lr=f"{means['lr']:.2e}")
                     sums, count, last_log_time = None, 0, time.perf_counter()
                 if global_step % args.checkpointing_steps == 0:
