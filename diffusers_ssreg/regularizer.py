@@ -64,15 +64,17 @@ class SSRegOutput(BaseOutput):
             when asked for with `return_reconstruction=True`.
     """
 
-    loss: torch.Tensor
-    rec_mae: torch.Tensor
-    rec_lpips: torch.Tensor
-    kl: torch.Tensor
-    latent_mse: torch.Tensor
-    reg_mae: torch.Tensor
-    reg_lpips: torch.Tensor
-    reg_fraction: torch.Tensor
-    delta: torch.Tensor
+    # Defaults of None let the output be rebuilt from a mapping (BaseOutput's convention), which is
+    # what Accelerate does when it casts a mixed-precision model's outputs back to float32.
+    loss: torch.Tensor = None
+    rec_mae: torch.Tensor = None
+    rec_lpips: torch.Tensor = None
+    kl: torch.Tensor = None
+    latent_mse: torch.Tensor = None
+    reg_mae: torch.Tensor = None
+    reg_lpips: torch.Tensor = None
+    reg_fraction: torch.Tensor = None
+    delta: torch.Tensor = None
     reconstruction: Optional[torch.Tensor] = None
 
     def scalars(self) -> Dict[str, torch.Tensor]:

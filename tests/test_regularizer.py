@@ -556,3 +556,17 @@ def test_build_lpips_offline_names_the_weight_file_and_the_cache(tmp_path, monke
     assert weight_file in message
     assert os.path.join(str(tmp_path), "hub", "checkpoints") in message
     assert re.search(r"lambda_lpips=0", message)
+
+
+def test_output_survives_accelerate_mixed_precision(photo_batch):
+    """A bf16 prepared module's outputs are rebuilt by Accelerate from a mapping: every field must come through."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    regularizer = accelerator.prepare(StateSpaceRegularizer(make_tiny_vae(), fast_config(alpha=1.0)))
+    output = regularizer(photo_batch, generator=torch.Generator().manual_seed(0))
+    assert type(output).__name__ == "SSRegOutput"
+    assert output.loss.dtype == torch.float32 and output.loss.requires_grad
+    assert output.reg_fraction.item() == 1.0 and output.latent_mse.item() > 0
+    assert set(output.scalars()) >= {"loss", "rec_mae", "kl", "latent_mse", "reg_mae", "reg_lpips", "delta"}
+    output.loss.backward()
