@@ -399,8 +399,8 @@ def evaluate_reconstruction(
         feature_extractor (*optional*): features for rFID: `"inception"` (standard rFID), `"effnet-lite0"`
             (offline, reported as `rFID-EffNetLite0`), a `FeatureExtractor`/callable, or `None` (no rFID).
         sample_posterior (`bool`, defaults to `False`): decode a posterior sample instead of the mean.
-        quantize_outputs (`bool`, defaults to `True`): round reconstructions to 8 bits first, as when they are
-            saved as PNG (the inputs read from image files already are).
+        quantize_outputs (`bool`, defaults to `True`): round reconstructions and inputs to 8 bits first, as when
+            they are saved as PNG (inputs read from 8-bit image files do not change).
         device (*optional*): where to run; by default the VAE's device (a callable: CUDA when available).
 
     Returns:
@@ -438,8 +438,8 @@ def evaluate_reconstruction(
                 f"the reconstruction has shape {tuple(recon.shape)} but the input {tuple(batch.shape)}; image sizes must "
                 f"be multiples of the VAE's downsampling factor (pass `resolution`)."
             )
-        if quantize_outputs:
-            recon = quantize(recon)
+        if quantize_outputs:  # both, so that identical images stay bit-identical on any device
+            batch, recon = quantize(batch), quantize(recon)
         per_image["PSNR"].append(psnr(recon, batch).cpu())
         per_image["SSIM"].append(ssim(recon, batch).cpu())
         if lpips_model is not None:
