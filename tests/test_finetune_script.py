@@ -148,6 +148,16 @@ def test_two_process_cpu_run_keeps_ranks_identical(workspace, tmp_path):
     AutoencoderKL.from_pretrained(output)
 
 
+def test_checkpoint_from_two_processes_resumes_on_one(workspace, tmp_path):
+    output = tmp_path / "two-then-one"
+    launch(base_args(workspace, output, 2) + ["--checkpointing_steps", "2"], num_processes=2)
+    assert (output / "checkpoint-2" / "random_states_1.pkl").is_file()  # written by rank 1
+    result = launch(base_args(workspace, output, 4) + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert "Resuming from" in result.stdout + result.stderr
+    assert json.loads((output / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
+    AutoencoderKL.from_pretrained(output)
+
+
 def test_push_to_hub_reaches_the_hub_boundary(workspace, tmp_path, monkeypatch):
     import diffusers_ssreg.hub as hub
 
