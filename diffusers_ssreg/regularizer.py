@@ -335,6 +335,13 @@ class StateSpaceRegularizer(nn.Module):
         count = int(plan.regularized.numel())
         if count + plan.plain.numel() != batch:
             raise ValueError(f"`plan` covers {count + plan.plain.numel()} samples but the batch has {batch}.")
+        scale = resolution_scale(height, width, cfg.reference_resolution)
+        if count and plan.tau2.device.type == "cpu" and float(plan.tau2.max()) > cfg.tau_max * scale * (1 + 1e-6):
+            # (a host-side plan costs no device sync to check; the kernels are sized for τ_max)
+            raise ValueError(
+                f"`plan.tau2` reaches {float(plan.tau2.max()):.4g} pixels² but tau_max at this resolution is "
+                f"{cfg.tau_max * scale:.4g}: raise `tau_max` in the config or draw smaller variances."
+            )
 
         # Regularized samples first, then plain ones: one encoder pass and one decoder pass serve both branches.
         regularized = plan.regularized.to(device, non_blocking=True)
@@ -343,7 +350,6 @@ class StateSpaceRegularizer(nn.Module):
         if count:
             reg_pixels = pixel_values.index_select(0, regularized)
             # A half-width fixed by τ_max keeps kernel shapes static (torch.compile) and needs no host sync.
-            scale = resolution_scale(height, width, cfg.reference_resolution)
             half_width = int(math.ceil(3 * math.sqrt(cfg.tau_max * scale)))
             blurred_1 = gaussian_blur(reg_pixels, plan.tau1.to(device), max_half_width=half_width)
             blurred_2 = gaussian_blur(reg_pixels, plan.tau2.to(device), max_half_width=half_width)
