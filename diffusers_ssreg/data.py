@@ -43,15 +43,20 @@ def _require(module: str):
         raise ImportError(f"`{module.split('.')[0]}` is needed here: install it with `pip install diffusers-ssreg[train]`.") from error
 
 
-def find_images(root: str) -> List[str]:
-    """All image files under `root`, recursively, sorted (extensions: jpg, jpeg, png, webp, bmp, tif)."""
+def find_images(root: str, recursive: bool = True) -> List[str]:
+    """All image files under `root` (recursively by default), sorted; extensions: jpg, jpeg, png, webp, bmp, tif."""
     if not os.path.isdir(root):
         raise ValueError(f"image folder {root!r} does not exist or is not a directory.")
     files = []
     for directory, _, names in os.walk(root, followlinks=True):
         files += [os.path.join(directory, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not recursive:
+            break
     if not files:
-        raise ValueError(f"image folder {root!r} holds no images with extensions {IMAGE_EXTENSIONS}.")
+        raise ValueError(
+            f"no image files in {root!r}{' (searched recursively)' if recursive else ''}: "
+            f"it holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}."
+        )
     return sorted(files)
 
 

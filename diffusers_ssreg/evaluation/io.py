@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import find_images
 from ._utils import check_positive_int, require
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ARRAY_EXTENSIONS = (".npz", ".npy")
 
 ImageSource = Union[str, "os.PathLike[str]", torch.Tensor, np.ndarray, Iterable[Any]]
@@ -28,21 +28,8 @@ ImageSource = Union[str, "os.PathLike[str]", torch.Tensor, np.ndarray, Iterable[
 
 
 def list_image_files(folder: str, recursive: bool = True) -> List[str]:
-    """Sorted paths of the image files (by extension, case-insensitive) in `folder`; ValueError when there are none."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"`folder`={folder!r} is not a directory.")
-    files = []
-    if recursive:
-        for root, _, names in os.walk(folder):
-            files.extend(os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-    else:
-        files = [os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)]
-    if not files:
-        raise ValueError(
-            f"no image files in {folder!r}{' (searched recursively)' if recursive else ''}; "
-            f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}."
-        )
-    return sorted(files)
+    """Sorted paths of the image files in `folder` (`diffusers_ssreg.data.find_images`); ValueError when there are none."""
+    return find_images(folder, recursive=recursive)
 
 
 def center_crop_resize(image, resolution: int):
