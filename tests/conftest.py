@@ -172,3 +172,13 @@ def accelerate_launch(script: str, args: Sequence[str], num_processes: int = 1, 
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state reset around a test that needs its own Accelerator settings."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

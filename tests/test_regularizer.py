@@ -558,7 +558,7 @@ def test_build_lpips_offline_names_the_weight_file_and_the_cache(tmp_path, monke
     assert re.search(r"lambda_lpips=0", message)
 
 
-def test_output_survives_accelerate_mixed_precision(photo_batch):
+def test_output_survives_accelerate_mixed_precision(photo_batch, fresh_accelerate_state):
     """A bf16 prepared module's outputs are rebuilt by Accelerate from a mapping: every field must come through."""
     from accelerate import Accelerator
 

@@ -213,7 +213,7 @@ def test_datasets_by_name_on_a_local_folder(tmp_path):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_optimizer_step_skips_nonfinite_gradients(fused):
+def test_optimizer_step_skips_nonfinite_gradients(fused, fresh_accelerate_state):
     from accelerate import Accelerator
 
     from diffusers_ssreg.training import optimizer_step
