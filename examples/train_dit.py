@@ -124,7 +124,7 @@ def prepare_inputs(args):
     meta = dataset.metadata
     if args.unconditional:
         dataset.class_labels = torch.zeros(len(dataset), dtype=torch.long)
-        num_classes, id2label = 1, {}
+        num_classes, id2label = 1, {0: "unconditional"}  # the pipeline then samples class 0 only
     else:
         if dataset.class_labels is None:
             raise ValueError(
@@ -133,6 +133,8 @@ def prepare_inputs(args):
             )
         num_classes = dataset.num_classes
         id2label = {int(k): v for k, v in meta.get("id2label", {}).items()}
+        # Without names in the cache, name the classes by index: sample_dit reads the class count from here.
+        id2label = id2label or {i: str(i) for i in range(num_classes)}
     vae_location = dict(
         pretrained_model_name_or_path=args.pretrained_vae_model_name_or_path or meta["vae"],
         subfolder=args.vae_subfolder if args.pretrained_vae_model_name_or_path else meta.get("vae_subfolder"),

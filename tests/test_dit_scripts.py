@@ -225,8 +225,10 @@ def test_train_input_errors(workspace, cache, tmp_path):
     launch("examples/cache_latents.py", cache_args(workspace, unlabeled, "--no_labels", "--max_samples", "4"))
     with pytest.raises(ValueError, match="has no class labels, but the DiT is class-conditional"):
         prepare(cache_dir=unlabeled)
-    dataset, *_, num_classes, _ = prepare("--unconditional", cache_dir=unlabeled)
+    dataset, *_, num_classes, id2label = prepare("--unconditional", cache_dir=unlabeled)
     assert num_classes == 1 and dataset.class_labels.tolist() == [0, 0, 0, 0]
+    # the saved pipeline must say "one class", or sample_dit would draw every one of DDPM's 1000 embeddings
+    assert id2label == {0: "unconditional"}
     with pytest.raises(SystemExit):  # argparse: the preset table is the list of choices
         train_dit.parse_args(train_args(cache, tmp_path / "out", "flow", 1, "--preset", "DiT-H/2"))
     with pytest.raises(ValueError, match="--class_dropout_prob must be in"):
