@@ -164,11 +164,11 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: Optional[
 
 
 def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> None:
-    """Removes the oldest checkpoints so that one more can be saved within `total_limit` (diffusers' rule)."""
+    """Removes the oldest complete checkpoints so that at most `total_limit` remain."""
     if total_limit is None:
         return
     checkpoints = list_checkpoints(output_dir)
-    for path in checkpoints[: max(0, len(checkpoints) - total_limit + 1)]:
+    for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
         logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", path, total_limit)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -176,13 +176,13 @@ def prune_checkpoints(output_dir: str, total_limit: Optional[int]) -> None:
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Optional[int] = None, extra=None) -> str:
     """
     Saves `accelerator.save_state` as `output_dir/checkpoint-<step>` atomically: every process writes
-    into `checkpoint-<step>.tmp`, then the main process renames it. A crash or Ctrl-C mid-save leaves
-    only a `.tmp` folder, which resume never picks (and the next save replaces).
+    into `checkpoint-<step>.tmp`, then the main process renames it and only then removes checkpoints
+    beyond `total_limit`. A crash or Ctrl-C mid-save leaves a `.tmp` folder, which resume never
+    picks (and the next save replaces), beside the previous checkpoints, which it still has.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     temporary = final + ".tmp"
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, total_limit)
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
@@ -194,6 +194,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: Option
         if os.path.isdir(final):  # re-saving the same step (e.g. the final save): replace it
             shutil.rmtree(final)
         os.replace(temporary, final)
+        # Only now, with the new checkpoint complete, do old ones go: a crash mid-save keeps them.
+        prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
 
@@ -203,6 +205,15 @@ def _fsync_tree(root: str) -> None:
         for name in names:
             with open(os.path.join(directory, name), "rb") as f:
                 os.fsync(f.fileno())
+
+
+def log_metrics(accelerator, logging_dir: str, step: int, metrics: dict) -> None:
+    """`accelerator.log` under `train/`, plus a plain-text copy in `logging_dir/train_metrics.jsonl` (any tracker, or none)."""
+    accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        os.makedirs(logging_dir, exist_ok=True)
+        with open(os.path.join(logging_dir, "train_metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def read_training_state(checkpoint: str) -> dict:

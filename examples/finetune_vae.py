@@ -36,6 +36,7 @@ from diffusers_ssreg.training import (
     add_training_arguments,
     check_training_arguments,
     get_paper_scheduler,
+    log_metrics,
     optimizer_step,
     read_training_state,
     resolve_resume_checkpoint,
@@ -309,6 +310,8 @@ def main(args):
             if epoch == first_epoch and skip_batches:
                 loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
             for batch in loader:
+                if global_step >= args.max_train_steps:  # resumed from the final checkpoint: nothing left
+                    break
                 with accelerator.accumulate(regularizer):
                     pixel_values = batch["pixel_values"]
                     if args.channels_last:
@@ -338,10 +341,7 @@ def main(args):
                     means["img_per_s"] = count * args.train_batch_size * accelerator.num_processes / (
                         time.perf_counter() - last_log_time
                     )
-                    accelerator.log({f"train/{k}": v for k, v in means.items()}, step=global_step)
-                    if accelerator.is_main_process:  # a plain-text copy of the curve, whatever the tracker
-                        with open(os.path.join(logging_dir, "train_metrics.jsonl"), "a") as f:
-                            f.write(json.dumps({"step": global_step, **means}) + "\n")
+                    log_metrics(accelerator, logging_dir, global_step, means)
                     progress.set_postfix(loss=f"{means['loss']:.4f}", latent=f"{means['latent_mse']:.4f}", lr=f"{means['lr']:.2e}")
                     sums, count, last_log_time = None, 0, time.perf_counter()
                 if global_step % args.checkpointing_steps == 0:

@@ -52,6 +52,7 @@ from diffusers_ssreg.training import (
     NonFiniteGuard,
     add_training_arguments,
     check_training_arguments,
+    log_metrics,
     read_training_state,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -336,6 +337,8 @@ def main(args):
             if epoch == first_epoch and skip_batches:
                 loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
             for batch in loader:
+                if global_step >= args.max_train_steps:  # resumed from the final checkpoint: nothing left
+                    break
                 output = train_step(accelerator, model, optimizer, lr_scheduler, batch, parameters, guard, args.max_grad_norm)
                 loss_sum += output.loss
                 count += 1
@@ -354,7 +357,7 @@ def main(args):
                     )
                     if output.grad_norm is not None:
                         logs["grad_norm"] = float(output.grad_norm)
-                    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
+                    log_metrics(accelerator, logging_dir, global_step, logs)
                     progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                     loss_sum.zero_()
                     count, last_log_time = 0, time.perf_counter()

@@ -99,6 +99,14 @@ def test_train_checkpoint_resume_and_export(workspace, tmp_path):
     resumed = launch(base_args(workspace, output, 6) + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
     assert "Resuming from" in resumed.stdout + resumed.stderr and "checkpoint-4" in resumed.stdout + resumed.stderr
     assert json.loads((output / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
+    metrics = [json.loads(line) for line in (output / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6] and all(m["loss"] > 0 for m in metrics)
+
+    # resuming a finished run trains no extra step
+    before = vae_weights(output)
+    launch(base_args(workspace, output, 6) + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
+    assert max_difference(before, vae_weights(output)) == 0.0
+    assert not (output / "checkpoint-7").exists()
 
     # stock diffusers loads the export in a process that never imports diffusers_ssreg
     probe = (

@@ -66,13 +66,16 @@ def test_resume_never_picks_an_unfinished_checkpoint(tmp_path):
         resolve_resume_checkpoint(str(tmp_path), "checkpoint-99")
 
 
-def test_prune_keeps_room_for_one_more(tmp_path):
+def test_prune_keeps_the_newest(tmp_path):
     for step in (1, 2, 3, 4):
         os.makedirs(tmp_path / f"checkpoint-{step}")
+    os.makedirs(tmp_path / "checkpoint-5.tmp")  # an unfinished save is never counted as a checkpoint
     prune_checkpoints(str(tmp_path), 2)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-4", "checkpoint-5.tmp"]
+    prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-5.tmp"]
     prune_checkpoints(str(tmp_path), None)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-5.tmp"]
 
 
 def test_nonfinite_guard_skips_then_stops():
