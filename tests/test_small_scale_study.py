@@ -1,0 +1,231 @@
+"""benchmarks/small_scale_study.py: the tiny preset end to end on the CPU (real subprocesses, offline), resume, errors."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "small_scale_study.py")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle")
+STAGE_OUTPUTS = {  # what each stage's script leaves in the unit folder
+    "finetune": ("config.json", "diffusion_pytorch_model.safetensors", "logs/train_metrics.jsonl"),
+    "eval": ("results.json", "report.md", "blur_dynamics.png"),
+    "cache": ("latent_stats.json", "cache_config.json"),
+    "dit": ("model_index.json", "transformer/config.json", "samples/final.png"),
+    "sample": ("samples.json", "0000_00000.png"),
+    "score": ("heldout/generation.json", "train/generation.json"),
+}
+
+
+def load_study_module():
+    spec = importlib.util.spec_from_file_location("small_scale_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["small_scale_study"] = module  # the crop workers pickle its functions by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_study(*args, check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, SCRIPT, *map(str, args)], env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def write_photos(folder, names=PHOTOS):
+    """scikit-image's bundled photos as JPEG files (no download)."""
+    from skimage import data as skdata
+
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        array = skdata.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skdata, name)()
+        Image.fromarray(array).convert("RGB").save(os.path.join(folder, f"{name}.jpg"), quality=95)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return write_photos(str(tmp_path_factory.mktemp("photos")))
+
+
+@pytest.fixture(scope="module")
+def study(photos, tmp_path_factory):
+    """The tiny preset (2 arms, 1 seed, a few steps per stage), run once end to end."""
+    out = str(tmp_path_factory.mktemp("study") / "study")
+    started = time.monotonic()
+    result = run_study("--data_dir", photos, "--output_dir", out, "--preset", "tiny")
+    seconds = time.monotonic() - started
+    print(f"tiny study end to end: {seconds:.0f} s")
+    return {"out": out, "log": result.stdout + result.stderr, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny preset end to end
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_unit_ran_and_wrote_its_outputs(study):
+    out, log = study["out"], study["log"]
+    assert "14 launched, 14 finished, 0 failed" in log, log[-3000:]
+    split = json.load(open(os.path.join(out, "data", "done.json")))
+    assert len(split["train_photos"]) == 4 and len(split["heldout_photos"]) == 2
+    assert not set(split["train_photos"]) & set(split["heldout_photos"])
+    assert len(os.listdir(os.path.join(out, "data", "train_crops"))) == 48
+    assert len(os.listdir(os.path.join(out, "data", "heldout_crops"))) == 16
+
+    base = json.load(open(os.path.join(out, "base", "done.json")))
+    assert base["status"] == "done" and os.path.isfile(os.path.join(out, "base", "vae", "config.json"))
+    assert os.path.isfile(os.path.join(out, "base", "eval", "done.json"))
+    for arm in ("baseline", "ssreg"):
+        finetune = json.load(open(os.path.join(out, "arms", arm, "seed0", "finetune", "done.json")))
+        assert finetune["base_sha"] == base["vae_sha"]  # both arms start from the one shared base
+        for stage, files in STAGE_OUTPUTS.items():
+            folder = os.path.join(out, "arms", arm, "seed0", stage)
+            marker = json.load(open(os.path.join(folder, "done.json")))
+            assert marker["status"] == "done" and marker["plan_hash"] == base["plan_hash"]
+            assert marker["data_fingerprint"] == split["fingerprint"]
+            if stage != "finetune":
+                assert marker["vae_sha"] == finetune["vae_sha"]
+            for name in files:
+                assert os.path.isfile(os.path.join(folder, name)), (stage, name)
+        samples = [n for n in os.listdir(os.path.join(out, "arms", arm, "seed0", "sample")) if n.endswith(".png")]
+        assert len(samples) == 16
+    # same seeds and data order across arms: the arms differ only in their ssreg flags
+    commands = {arm: json.load(open(os.path.join(out, "arms", arm, "seed0", "finetune", "done.json")))["commands"][0]
+                for arm in ("baseline", "ssreg")}  # fmt: skip
+    strip = lambda c: " ".join(re.sub(r"--ssreg_(alpha|basis) \S+|arms/\w+/", "", c).split())  # noqa: E731
+    assert strip(commands["baseline"]) == strip(commands["ssreg"])
+    assert "--resume_from_checkpoint latest" in commands["ssreg"] and "--seed 0" in commands["ssreg"]
+
+
+def test_report_has_a_table_per_measure_with_numbers(study):
+    out = study["out"]
+    results = json.load(open(os.path.join(out, "study_results.json")))
+    assert results["warnings"] == []
+    measures = results["measures"]
+    for key in ("rec/PSNR", "rec/SSIM", "rec/rFID-EffNetLite0", "latent/coherence", "latent/unmask_psnr@3", "train/kl",
+                "gen_heldout/FID-EffNetLite0", "gen_heldout/precision-EffNetLite0", "gen_heldout/recall-EffNetLite0",
+                "gen_train/FID-EffNetLite0", "gen_train/precision-EffNetLite0", "gen_train/recall-EffNetLite0"):  # fmt: skip
+        for arm in ("baseline", "ssreg"):
+            entry = measures[key][arm]
+            assert entry["n"] == 1 and np.isfinite(entry["mean"]), (key, arm, entry)
+    assert "base" in measures["rec/PSNR"] and "base" in measures["latent/coherence"]
+    assert "baseline" not in measures.get("train/latent_mse", {})  # alpha 0 has no regularization branch
+    markdown = open(os.path.join(out, "study_results.md")).read()
+    for heading in ("### `rec/PSNR`", "### `latent/coherence`", "### `gen_heldout/FID-EffNetLite0`",
+                    "### `gen_train/recall-EffNetLite0`", "## Summary (mean ± std over seeds)"):  # fmt: skip
+        assert heading in markdown, heading
+    table = markdown.split("### `rec/PSNR`")[1].split("###")[0]
+    assert re.search(r"\| ssreg \| 1 \| -?\d+\.\d+ \| 0: -?\d+\.\d+ \|", table), table
+    assert re.search(r"\| baseline \| 0 \| ✓ \| ✓ \| ✓ \| ✓ \| ✓ \| ✓ \|", markdown)
+
+
+def test_rerun_skips_every_unit(study, photos):
+    out = study["out"]
+    markers = [os.path.join(d, "done.json") for d, _, names in os.walk(out) if "done.json" in names]
+    before = {m: os.path.getmtime(m) for m in markers}
+    result = run_study("--data_dir", photos, "--output_dir", out, "--preset", "tiny")
+    log = result.stdout
+    assert "0 launched, 0 finished, 0 failed" in log and "every selected unit is done" in log
+    assert len(re.findall(r"skip  \S+ \(done", log)) == 14
+    assert {m: os.path.getmtime(m) for m in markers} == before
+
+
+def test_time_budget_leaves_what_does_not_fit(study, photos):
+    result = run_study("--data_dir", photos, "--output_dir", study["out"], "--preset", "tiny", "--arms", "legendre",
+                       "--time_budget_s", "1")  # fmt: skip
+    log = result.stdout
+    assert "0 launched" in log
+    assert re.search(r"finetune/legendre/0 .*left for the next run", log), log
+    assert re.search(r"score/legendre/0 .*waits for sample/legendre/0", log), log
+    assert not os.path.exists(os.path.join(study["out"], "arms", "legendre", "seed0", "finetune", "done.json"))
+
+
+def test_pack_carries_results_but_no_weights(study, tmp_path):
+    run_study("--output_dir", study["out"], "--preset", "tiny", "--stage", "report", "--pack_dir", tmp_path, "--pack_base")
+    with tarfile.open(tmp_path / "study_results.tar.gz") as archive:
+        names = archive.getnames()
+    assert "study_results.json" in names and "arms/ssreg/seed0/score/done.json" in names
+    assert "arms/ssreg/seed0/eval/results.json" in names and "data/done.json" in names
+    assert not [n for n in names if n.endswith((".safetensors", ".bin", ".pkl")) or "checkpoint-" in n or "_crops/" in n]
+    parts = sorted(p for p in os.listdir(tmp_path) if p.startswith("base_vae.tar.part"))
+    data = b"".join(open(tmp_path / p, "rb").read() for p in parts)
+    (tmp_path / "base.tar").write_bytes(data)
+    with tarfile.open(tmp_path / "base.tar") as archive:
+        assert "base/vae/diffusion_pytorch_model.safetensors" in archive.getnames() and "base/done.json" in archive.getnames()
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: before any work
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_arm_is_a_clear_error(tmp_path):
+    result = run_study("--data_dir", tmp_path, "--output_dir", tmp_path / "s", "--preset", "tiny", "--arms", "ssreg", "fourier",
+                       check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "argument --arms: invalid choice: 'fourier'" in result.stderr and "baseline" in result.stderr
+    result = run_study("--data_dir", tmp_path, "--output_dir", tmp_path / "s", "--preset", "tiny", "--only", "ssreg/5",
+                       check=False)  # fmt: skip
+    assert result.returncode == 2 and "--only 'ssreg/5' is not in the selection" in result.stderr
+    assert not os.path.exists(tmp_path / "s" / "plan.json")
+
+
+def test_another_plan_in_the_same_folder_is_refused(study, photos):
+    result = run_study("--data_dir", photos, "--output_dir", study["out"], "--preset", "full", "--stage", "data", check=False)
+    assert result.returncode != 0 and "made with another plan" in result.stderr and "preset (tiny -> full)" in result.stderr
+
+
+def test_expect_base_fails_without_a_base(photos, tmp_path):
+    result = run_study("--data_dir", photos, "--output_dir", tmp_path / "s", "--preset", "tiny", "--expect_base", check=False)
+    assert result.returncode != 0 and "--expect_base" in result.stderr and "base/done.json" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces: the hold-out split, the crops, the statistics over seeds
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_and_crops_are_deterministic(tmp_path):
+    study = load_study_module()
+    assert study.heldout_indices(54, 8) == [3, 10, 16, 23, 30, 37, 43, 50]
+    photos = write_photos(str(tmp_path / "photos"), PHOTOS[:4])
+    preset = study.PRESETS["tiny"]
+    first = study.prepare_data(photos, str(tmp_path / "a"), preset)
+    second = study.prepare_data(photos, str(tmp_path / "b"), preset)
+    assert first["fingerprint"] == second["fingerprint"]
+    assert first["heldout_photos"] == ["chelsea.jpg", "rocket.jpg"]  # sorted names: astronaut chelsea coffee rocket
+    crops = sorted(os.listdir(tmp_path / "a" / "data" / "train_crops"))
+    assert crops[:2] == ["00000_astronaut.png", "00001_coffee.png"]  # interleaved: any prefix covers every photo
+    assert Image.open(tmp_path / "a" / "data" / "train_crops" / crops[0]).size == (32, 32)
+
+
+def test_report_statistics_over_seeds(tmp_path):
+    study = load_study_module()
+    out = tmp_path / "s"
+    for seed, psnr in enumerate((20.0, 21.0, 22.5)):
+        study.write_json(str(out / "arms" / "ssreg" / f"seed{seed}" / "eval" / "done.json"), {
+            "unit": f"eval/ssreg/{seed}", "stage": "eval", "arm": "ssreg", "seed": seed, "status": "done",
+            "results": {"rec/PSNR": psnr},
+        })  # fmt: skip
+    study.write_json(str(out / "arms" / "random_a" / "seed0" / "finetune" / "done.json"), {
+        "unit": "finetune/random_a/0", "stage": "finetune", "arm": "random_a", "seed": 0, "status": "diverged",
+        "diverged_at_step": 17, "results": {"diverged": 1},
+    })  # fmt: skip
+    report = study.write_report(str(out))
+    entry = report["measures"]["rec/PSNR"]["ssreg"]
+    assert entry["n"] == 3 and entry["mean"] == pytest.approx(21.1666667) and entry["std"] == pytest.approx(1.2583057)
+    markdown = (out / "study_results.md").read_text()
+    assert "| ssreg | 3 | 21.1667 ± 1.2583 | 0: 20.0000, 1: 21.0000, 2: 22.5000 |" in markdown
+    assert "`finetune/random_a/0` (step 17)" in markdown and "| random_a | 0 | diverged |" in markdown
