@@ -86,6 +86,9 @@ def parse_args(input_args=None):
                         help="Visit a small --train_data_dir this many times per epoch (each with fresh random crops).")
     parser.add_argument("--resolution", type=int, default=None, help="Training resolution (default 256; demo 64).")
     parser.add_argument("--center_crop", action="store_true", help="Center instead of random crops.")
+    parser.add_argument("--random_resized_crop_scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="Train on random crops covering MIN..MAX of each image's area, resized to --resolution "
+                        "(many crops from few large photos) instead of resize + crop.")
     parser.add_argument("--no_random_flip", action="store_true", help="Disable random horizontal flips.")
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument("--lr_warmup_start", type=float, default=1e-7, help="LR at step 0 of the warm-up.")
@@ -120,6 +123,12 @@ def parse_args(input_args=None):
     if args.validation_split and not args.dataset_name:
         raise ValueError("--validation_split needs --dataset_name.")
     check_training_arguments(args, positive=("resolution", "num_train_epochs", "train_data_repeats"))
+    if args.random_resized_crop_scale is not None:
+        low, high = args.random_resized_crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"--random_resized_crop_scale needs 0 < MIN <= MAX <= 1, got {low} {high}.")
+        if args.center_crop:
+            raise ValueError("--random_resized_crop_scale and --center_crop exclude each other.")
     args.ssreg_config = config_from_args(args, defaults=DEMO_SSREG_DEFAULTS if args.demo else None)
     return args
 
@@ -140,7 +149,10 @@ def build_datasets(args):
         validation = ssreg_data.fixed_crops(ssreg_data.embedded_photos("validation"), args.resolution, per_image, args.seed)
         return train, validation[: args.num_validation_images], "the offline demo's scikit-image photographs"
 
-    train_transform = ssreg_data.image_transform(args.resolution, args.center_crop, flip)
+    if args.random_resized_crop_scale:
+        train_transform = ssreg_data.random_scale_crop_transform(args.resolution, tuple(args.random_resized_crop_scale), flip)
+    else:
+        train_transform = ssreg_data.image_transform(args.resolution, args.center_crop, flip)
     eval_transform = ssreg_data.image_transform(args.resolution, center_crop=True, random_flip=False)
     if args.train_data_dir:
         train = ssreg_data.folder_image_dataset(args.train_data_dir, train_transform, seed=args.seed)

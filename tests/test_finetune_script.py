@@ -148,7 +148,10 @@ def test_interrupted_run_resumed_matches_uninterrupted(workspace, tmp_path):
 
 def test_two_process_cpu_run_keeps_ranks_identical(workspace, tmp_path):
     output = tmp_path / "ddp"
-    result = launch(base_args(workspace, output, 3) + ["--checkpointing_steps", "100"], num_processes=2)
+    result = launch(
+        base_args(workspace, output, 3) + ["--checkpointing_steps", "100", "--random_resized_crop_scale", "0.3", "1"],
+        num_processes=2,
+    )
     log = result.stdout + result.stderr
     assert "MULTI_CPU" in log and "Num processes: 2" in log
     checksums = json.loads((output / "rank_checksums.json").read_text())
@@ -213,6 +216,7 @@ def test_push_to_hub_reaches_the_hub_boundary(workspace, tmp_path, monkeypatch):
         (["--ssreg_alpha", "2"], "alpha"),
         (["--train_batch_size", "0"], "train_batch_size"),
         (["--dataset_name", "x"], "either --dataset_name or --train_data_dir"),
+        (["--random_resized_crop_scale", "0.5", "0.2"], "random_resized_crop_scale"),
     ],
 )
 def test_bad_input_fails_before_training(workspace, tmp_path, extra, match):
