@@ -372,7 +372,7 @@ def main(args):
         "ratios": ratios,
     }
     lines = [
-        f"| variant | img/s | median step (ms) | peak memory (GiB) | TFLOP/image | MFU |",
+        "| variant | img/s | median step (ms) | peak memory (GiB) | TFLOP/image | MFU |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:

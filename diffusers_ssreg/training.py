@@ -216,6 +216,22 @@ def log_metrics(accelerator, logging_dir: str, step: int, metrics: dict) -> None
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def resume_training(accelerator, output_dir: str, resume_from_checkpoint, updates_per_epoch: int, accumulation_steps: int):
+    """
+    Loads the checkpoint named by `--resume_from_checkpoint` (`"latest"` or a path; nothing for None or
+    an empty folder) and returns `(global_step, first_epoch, batches_to_skip)` for the training loop.
+    """
+    checkpoint = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+    if resume_from_checkpoint and checkpoint is None:
+        logger.info("No checkpoint found in the output folder: starting a new run.")
+    if checkpoint is None:
+        return 0, 0, 0
+    logger.info("Resuming from %s", checkpoint)
+    accelerator.load_state(checkpoint)
+    global_step = read_training_state(checkpoint)["global_step"]
+    return global_step, global_step // updates_per_epoch, (global_step % updates_per_epoch) * accumulation_steps
+
+
 def read_training_state(checkpoint: str) -> dict:
     """The `training_state.json` of a checkpoint (at least `global_step`)."""
     path = os.path.join(checkpoint, TRAINING_STATE_NAME)

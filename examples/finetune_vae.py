@@ -38,8 +38,7 @@ from diffusers_ssreg.training import (
     get_paper_scheduler,
     log_metrics,
     optimizer_step,
-    read_training_state,
-    resolve_resume_checkpoint,
+    resume_training,
     save_checkpoint,
     unwrap,
 )
@@ -297,16 +296,9 @@ def main(args):
     logger.info(f"  Trainable VAE params = {sum(p.numel() for p in raw.parameter_groups(1.0)[0]['params']):,}")
     logger.info(f"  SSReg: {args.ssreg_config}")
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint found in the output folder: starting a new run.")
-    if checkpoint is not None:
-        logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(checkpoint)
-        global_step = read_training_state(checkpoint)["global_step"]
-        first_epoch = global_step // updates_per_epoch
-        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, skip_batches = resume_training(
+        accelerator, args.output_dir, args.resume_from_checkpoint, updates_per_epoch, args.gradient_accumulation_steps
+    )
 
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     progress = tqdm(

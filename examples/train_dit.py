@@ -53,8 +53,7 @@ from diffusers_ssreg.training import (
     add_training_arguments,
     check_training_arguments,
     log_metrics,
-    read_training_state,
-    resolve_resume_checkpoint,
+    resume_training,
     save_checkpoint,
     unwrap,
 )
@@ -312,16 +311,9 @@ def main(args):
                 f"std {np.round(std, 4).tolist()}")
     logger.info(f"  Epochs = {num_epochs}; total batch size = {total_batch}; optimization steps = {args.max_train_steps}")
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint found in the output folder: starting a new run.")
-    if checkpoint is not None:
-        logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(checkpoint)
-        global_step = read_training_state(checkpoint)["global_step"]
-        first_epoch = global_step // updates_per_epoch
-        skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, skip_batches = resume_training(
+        accelerator, args.output_dir, args.resume_from_checkpoint, updates_per_epoch, args.gradient_accumulation_steps
+    )
 
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     progress = tqdm(
