@@ -84,6 +84,34 @@ def check_training_arguments(args, positive=(), optional_positive=()) -> None:
         raise ValueError("--hub_token with --report_to wandb would expose the token: use `huggingface-cli login`.")
 
 
+def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
+    """
+    The `Accelerator` of a training script from the shared flags (diffusers' example-script setup):
+    logging, tracker and project folders, a seedable sampler, device-specific seeds (each rank draws
+    its own noise) and TF32 when asked. `dynamo_backend` compiles the prepared model through Accelerate;
+    `dataloader_options` go to `DataLoaderConfiguration`. Returns `(accelerator, logging_dir)`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, **dataloader_options),
+        dynamo_backend=dynamo_backend,
+    )
+    logger.info("%s", accelerator.state)
+    set_seed(args.seed, device_specific=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator, logging_dir
+
+
 # --------------------------------------------------------------------------------------------
 # Learning-rate schedule (Table 2, A.5)
 # --------------------------------------------------------------------------------------------

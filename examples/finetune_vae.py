@@ -14,16 +14,14 @@ and Accelerate checkpoints in `output_dir/checkpoint-*`.
 
 import argparse
 import json
-import logging
 import math
 import os
 import shutil
 import time
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
@@ -39,6 +37,7 @@ from diffusers_ssreg.training import (
     log_metrics,
     optimizer_step,
     resume_training,
+    setup_accelerator,
     save_checkpoint,
     unwrap,
 )
@@ -189,25 +188,12 @@ def build_datasets(args):
 
 
 def main(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
+    accelerator, logging_dir = setup_accelerator(args)  # seeds are rank-specific: ranks draw their own branches
     if args.demo:
         logger.info(
             "No model and no data given: running the OFFLINE DEMO (a small random-init Flux-architecture VAE on "
             "scikit-image's sample photos). To fine-tune the real Flux VAE:\n  " + FLUX_COMMAND
         )
-    set_seed(args.seed, device_specific=True)  # ranks draw different branches, τ and noise
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # --- model and regularizer: every input error surfaces here, before training ---
     vae = demo_vae() if args.demo else load_vae(args)

@@ -14,7 +14,6 @@ decode with the latent normalization undone (docs/dit.md). The exported DiT hold
 """
 
 import argparse
-import logging
 import math
 import os
 import shutil
@@ -22,9 +21,7 @@ import time
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -54,6 +51,7 @@ from diffusers_ssreg.training import (
     check_training_arguments,
     log_metrics,
     resume_training,
+    setup_accelerator,
     save_checkpoint,
     unwrap,
 )
@@ -229,23 +227,12 @@ def write_model_card(args, meta, vae_location, config, num_classes, total_batch,
 
 
 def main(args):
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     dataset, vae_location, vae_config, config, (mean, std), num_classes, id2label = prepare_inputs(args)
     meta = dataset.metadata
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
-        dynamo_backend="inductor" if args.compile else None,
+    # seeds are rank-specific: every rank draws its own noise, timesteps and label dropout
+    accelerator, logging_dir = setup_accelerator(
+        args, dynamo_backend="inductor" if args.compile else None, non_blocking=True
     )
-    logger.info(accelerator.state, main_process_only=False)
-    set_seed(args.seed)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # --- models: the DiT (fp32 weights; autocast does bf16), its EMA, the VAE for samples and the export ---
     transformer = DiTTransformer2DModel(**config)
