@@ -178,6 +178,25 @@ PRESETS: Dict[str, Preset] = {
         dit_ema=0.999, dit_compile=True, dit_checkpoint_every=2000,
         num_samples=5000, sample_batch=250, sample_steps=50, sample_dtype="bfloat16", score_batch=250,
     ),  # fmt: skip
+    # Every arm in one H100 lease (about 25 minutes): five units share the GPU at a time (--devices 0 0 0 0 0).
+    # Same VAE and data as "full", with fewer crops, batch 32, shorter runs, DiT-S/2 and 2000 samples.
+    "short": Preset(
+        resolution=128, heldout_photos=8, train_crops=6000, heldout_crops=2000, crop_min_area=0.1,
+        vae_config=FULL_VAE_CONFIG, vae_batch=32,
+        base_steps=1500, base_lr=1e-4,
+        finetune_steps=1000, finetune_lr=1e-4, finetune_freeze=(2, 2),
+        scratch_steps=2500, scratch_lr=1e-4,  # = base + fine-tune steps
+        lpips_weight=0.0, vae_checkpoint_every=500, vae_validation_every=500, num_validation_images=8,
+        mixed_precision="bf16", allow_tf32=True,
+        eval_samples=2000, latent_samples=500, eval_batch=128, feature_extractor="effnet-lite0",
+        cache_batch=256, dit_preset="DiT-S/2", dit_config=None, dit_batch=256, dit_steps=3000, dit_lr=2e-4,
+        dit_ema=0.999, dit_compile=False, dit_checkpoint_every=1000,
+        num_samples=2000, sample_batch=500, sample_steps=25, sample_dtype="bfloat16", score_batch=250,
+        workers=3,
+        # guesses for one of five processes sharing an H100 (not measured before the run)
+        est_overhead_s=40.0, est_vae_steps_per_s=(6.0, 5.0), est_eval_s=60.0, est_cache_s=30.0,
+        est_dit_s_per_step=0.02, est_sample_s=40.0, est_score_s=60.0, min_resumable_launch_s=120.0,
+    ),  # fmt: skip
     # The CPU test: a few steps of every stage, 2 arms, 1 seed.
     "tiny": Preset(
         resolution=32, heldout_photos=2, train_crops=48, heldout_crops=16, crop_min_area=0.1,
@@ -1253,6 +1272,11 @@ def pack(out: str, pack_dir: str, with_base: bool) -> List[str]:
                                 and not (f == "transformer" or f == "vae" or f == "scheduler"))  # fmt: skip
             if os.path.basename(directory) == "sample":  # the sample PNGs stay; their manifest travels
                 names = [n for n in names if not n.endswith(".png")]
+            if os.path.basename(directory) == "validation":  # of each figure, the last step only (size: 16 MiB a file)
+                last = {}
+                for n in sorted(n for n in names if n.endswith(".png")):
+                    last[n.rsplit("-", 1)[0]] = n
+                names = [n for n in names if not n.endswith(".png") or n in last.values()]
             for name in sorted(names):
                 if not name.endswith(keep) or name.endswith(".tmp"):
                     continue
@@ -1308,7 +1332,7 @@ def parse_args(argv=None):
     )  # fmt: skip
     parser.add_argument("--data_dir", help="Folder of photos (recursive). Needed by every stage but report.")
     parser.add_argument("--output_dir", required=True, help="The study folder (resumable: run the same command again).")
-    parser.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the GPU study; tiny: a CPU test.")
+    parser.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the GPU study (about 4 GPU-hours); short: every arm in one ~25-minute H100 lease; tiny: a CPU test.")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM",
                         help=f"Arms to run (default: the preset's: every arm for full). Choices: {', '.join(ARMS)}.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Seeds for every selected arm (default: each arm's own).")

@@ -159,6 +159,11 @@ def test_pack_carries_results_but_no_weights(study, tmp_path):
     assert "study_results.json" in names and "arms/ssreg/seed0/score/done.json" in names
     assert "arms/ssreg/seed0/eval/results.json" in names and "data/done.json" in names
     assert not [n for n in names if n.endswith((".safetensors", ".bin", ".pkl")) or "checkpoint-" in n or "_crops/" in n]
+    # of the fine-tune's validation figures, only the last step's travel (the GPU tool returns files of 16 MiB at most)
+    validation = sorted(n for n in names if n.startswith("arms/ssreg/seed0/finetune/validation/") and n.endswith(".png"))
+    steps = {n.rsplit("-", 1)[1] for n in validation}
+    assert validation and len(steps) == 1, validation
+    assert "arms/ssreg/seed0/finetune/validation/metrics-000001.json" in names  # every step's metrics do travel
     parts = sorted(p for p in os.listdir(tmp_path) if p.startswith("base_vae.tar.part"))
     data = b"".join(open(tmp_path / p, "rb").read() for p in parts)
     (tmp_path / "base.tar").write_bytes(data)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs benchmarks/small_scale_study.py on a GPU machine that only takes commands of at most 10 minutes
+# (this workplace's device tool): the study runs in the background, in its own process session, so
+# it outlives one command; each command waits, then packs what is finished into $OUT. On a machine of
+# your own, run the study directly instead (benchmarks/STUDY.md).
+#
+#   bash benchmarks/study_lease.sh start   # install carried wheels, start the study, wait, pack
+#   bash benchmarks/study_lease.sh wait    # wait (until the study ends or WAIT_S pass), pack
+#
+# Settings (environment): STUDY (the study folder), DATA (photos), PRESET, DEVICES (one slot per entry;
+# "0 0 0 0 0 0" = six units sharing GPU 0), BUDGET_S (the study's --time_budget_s), WAIT_S,
+# ONLY (the chains, in priority order), PY (the Python to use), OUT (where packed results go),
+# SKIP_WHEELS=1 (do not install .whl/).
+set -u
+cd "$(dirname "$0")/.."
+STUDY=${STUDY:-/tmp/study}
+DATA=${DATA:-.gpudata/photos}
+PRESET=${PRESET:-short}
+DEVICES=${DEVICES:-0 0 0 0 0 0}
+BUDGET_S=${BUDGET_S:-1600}
+WAIT_S=${WAIT_S:-570}
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/study_out}
+ONLY=${ONLY:-baseline/0 ssreg/0 baseline/1 ssreg/1 baseline/2 ssreg/2 baseline_scratch ssreg_scratch legendre random_a no_centering alpha_0.5}
+started=$(date +%s)
+mkdir -p "$STUDY" "$OUT"
+
+if [ "${1:-}" = start ]; then
+    if [ -d .whl ] && [ -z "${SKIP_WHEELS:-}" ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    fi
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$STUDY/gpu_info.csv"
+        setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
+            > "$STUDY/gpu_usage.csv" 2>&1 < /dev/null &
+    fi
+    # shellcheck disable=SC2086
+    setsid nohup "$PY" benchmarks/small_scale_study.py --data_dir "$DATA" --output_dir "$STUDY" --preset "$PRESET" \
+        --devices $DEVICES --time_budget_s "$BUDGET_S" --only $ONLY > "$STUDY/runner.log" 2>&1 < /dev/null &
+    echo $! > "$STUDY/runner.pid"
+    echo "started the study (pid $(cat "$STUDY/runner.pid")) at $(date -u +%FT%TZ)"
+elif [ "${1:-}" != wait ]; then
+    echo "usage: $0 start|wait" >&2
+    exit 2
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+pid=$(cat "$STUDY/runner.pid" 2>/dev/null || echo 0)
+while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - started )) -lt "$WAIT_S" ]; do
+    sleep 5
+done
+if kill -0 "$pid" 2>/dev/null; then echo "the study is still running"; else echo "the study has ended"; fi
+tail -n 25 "$STUDY/runner.log"
+
+# pack: the small result files, plus the float16 base VAE the first time it is done (for a later lease)
+pack_base=()
+if [ -f "$STUDY/base/done.json" ] && [ ! -f "$STUDY/.base_packed" ]; then
+    pack_base=(--pack_base)
+    touch "$STUDY/.base_packed"
+fi
+"$PY" benchmarks/small_scale_study.py --output_dir "$STUDY" --stage report --pack_dir "$OUT" "${pack_base[@]}" 2>&1 | tail -n 3
+cp "$STUDY/runner.log" "$OUT/runner.log"
+[ -f "$STUDY/gpu_usage.csv" ] && cp "$STUDY/gpu_usage.csv" "$OUT/gpu_usage.csv"
+ls -la "$OUT"
