@@ -178,23 +178,23 @@ PRESETS: Dict[str, Preset] = {
         dit_ema=0.999, dit_compile=True, dit_checkpoint_every=2000,
         num_samples=5000, sample_batch=250, sample_steps=50, sample_dtype="bfloat16", score_batch=250,
     ),  # fmt: skip
-    # Every arm in one H100 lease (about 25 minutes): five units share the GPU at a time (--devices 0 0 0 0 0).
+    # Every arm in one H100 lease (about 28 minutes): six units share the GPU at a time (--devices 0 0 0 0 0 0).
     # Same VAE and data as "full", with fewer crops, batch 32, shorter runs, DiT-S/2 and 2000 samples.
     "short": Preset(
         resolution=128, heldout_photos=8, train_crops=6000, heldout_crops=2000, crop_min_area=0.1,
         vae_config=FULL_VAE_CONFIG, vae_batch=32,
         base_steps=1500, base_lr=1e-4,
-        finetune_steps=1000, finetune_lr=1e-4, finetune_freeze=(2, 2),
-        scratch_steps=2500, scratch_lr=1e-4,  # = base + fine-tune steps
+        finetune_steps=600, finetune_lr=1e-4, finetune_freeze=(2, 2),
+        scratch_steps=2100, scratch_lr=1e-4,  # = base + fine-tune steps
         lpips_weight=0.0, vae_checkpoint_every=500, vae_validation_every=500, num_validation_images=8,
         mixed_precision="bf16", allow_tf32=True,
         eval_samples=2000, latent_samples=500, eval_batch=128, feature_extractor="effnet-lite0",
-        cache_batch=256, dit_preset="DiT-S/2", dit_config=None, dit_batch=256, dit_steps=3000, dit_lr=2e-4,
+        cache_batch=256, dit_preset="DiT-S/2", dit_config=None, dit_batch=256, dit_steps=2000, dit_lr=2e-4,
         dit_ema=0.999, dit_compile=False, dit_checkpoint_every=1000,
         num_samples=2000, sample_batch=500, sample_steps=25, sample_dtype="bfloat16", score_batch=250,
         workers=3,
-        # guesses for one of five processes sharing an H100 (not measured before the run)
-        est_overhead_s=40.0, est_vae_steps_per_s=(6.0, 5.0), est_eval_s=60.0, est_cache_s=30.0,
+        # one of six processes sharing an H100 (measured on 2026-11-24: 2.6-3.0 VAE steps/s, eval 126 s); the rest guessed
+        est_overhead_s=40.0, est_vae_steps_per_s=(2.9, 2.6), est_eval_s=120.0, est_cache_s=30.0,
         est_dit_s_per_step=0.02, est_sample_s=40.0, est_score_s=60.0, min_resumable_launch_s=120.0,
     ),  # fmt: skip
     # The CPU test: a few steps of every stage, 2 arms, 1 seed.
@@ -216,6 +216,12 @@ PRESETS: Dict[str, Preset] = {
 }
 
 STAGES = ("data", "base", "finetune", "eval", "cache", "dit", "sample", "score", "report")
+# The settings that make the data, the base VAE and its evaluation: two plans that agree on these can share one base
+# (--adopt_base), whatever their fine-tune, DiT or sampling settings.
+BASE_SETTINGS = ("resolution", "heldout_photos", "train_crops", "heldout_crops", "crop_min_area", "vae_config", "vae_batch",
+                 "base_steps", "base_lr", "lpips_weight", "vae_checkpoint_every", "vae_validation_every",
+                 "num_validation_images", "mixed_precision", "allow_tf32", "eval_samples", "latent_samples", "eval_batch",
+                 "feature_extractor")  # fmt: skip
 BASE_SEED = 0  # the shared base VAE's seed (init, data order)
 CROP_SEED = "ssreg-study"  # seeds every crop: the data never depends on an arm or a seed
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -266,6 +272,13 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def base_hash(plan: Dict) -> str:
+    """Hash of what determines the base VAE (and the data, and the base's evaluation) under `plan`."""
+    settings = plan.get("settings", {})
+    return plan_hash({"study_version": plan.get("study_version"), "base_seed": plan.get("base_seed"),
+                      "settings": {k: settings.get(k) for k in BASE_SETTINGS}})  # fmt: skip
 
 
 def plan_hash(plan: Dict) -> str:
@@ -507,7 +520,7 @@ class Study:
                     f"use another --output_dir (or the same --preset and code as before)."
                 )
         else:
-            write_json(path, {"plan_hash": self.plan_hash, "plan": self.plan, "created": now_iso()})
+            write_json(path, {"plan_hash": self.plan_hash, "base_hash": base_hash(self.plan), "plan": self.plan, "created": now_iso()})
         config_dir = self.path("plan", "vae_config")
         config_path = os.path.join(config_dir, "config.json")
         if not os.path.isfile(config_path) or read_json(config_path) != self.preset.vae_config:
@@ -702,6 +715,51 @@ class Study:
         return {"results": results, **extra}
 
 
+def adopt_base(source: str, study: "Study") -> None:
+    """Copies the finished base VAE (and its evaluation) of another study folder whose plan agrees with this one on
+    BASE_SETTINGS, so that a plan with other fine-tune, DiT or sampling settings reuses the same base. The copied
+    markers keep their results and record where they came from (`adopted_from`)."""
+    where = f"small_scale_study: error: --adopt_base {source!r}"
+    plan_file, marker_file = os.path.join(source, "plan.json"), os.path.join(source, "base", "done.json")
+    weights = os.path.join(source, "base", "vae", "diffusion_pytorch_model.safetensors")
+    for path in (plan_file, marker_file, weights):
+        if not os.path.isfile(path):
+            raise SystemExit(f"{where}: {path} is missing (expected a study folder with a finished base: plan.json, "
+                             f"base/done.json and base/vae/).")  # fmt: skip
+    source_plan, marker = read_json(plan_file), read_json(marker_file)
+    if plan_hash(source_plan.get("plan", {})) != source_plan.get("plan_hash") or marker.get("plan_hash") != source_plan.get("plan_hash"):
+        raise SystemExit(f"{where}: its plan.json and base/done.json do not belong together (plan hashes "
+                         f"{source_plan.get('plan_hash')} and {marker.get('plan_hash')}).")  # fmt: skip
+    if base_hash(source_plan["plan"]) != base_hash(study.plan):
+        theirs, ours = source_plan["plan"].get("settings", {}), study.plan["settings"]
+        different = [k for k in BASE_SETTINGS if theirs.get(k) != ours.get(k)]
+        raise SystemExit(f"{where}: its base was made with other base settings (differs in: "
+                         f"{', '.join(different) or 'study version or base seed'}); train a new base instead.")  # fmt: skip
+    sha = sha256_file(weights)
+    if sha != marker.get("vae_sha"):
+        raise SystemExit(f"{where}: base/vae's weights (sha256 {sha[:12]}) are not the ones base/done.json records "
+                         f"({str(marker.get('vae_sha'))[:12]}).")  # fmt: skip
+    target = study.path("base")
+    if os.path.isfile(os.path.join(target, "done.json")):
+        if read_json(os.path.join(target, "done.json")).get("vae_sha") == sha:
+            return  # adopted before
+        raise SystemExit(f"{where}: this study already has another base VAE ({target}); use a new --output_dir.")
+    temporary = target + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(os.path.join(source, "base"), temporary)
+    for directory, _, names in os.walk(temporary):
+        if "done.json" in names:
+            path = os.path.join(directory, "done.json")
+            copied = read_json(path)
+            copied["adopted_from"] = {"folder": os.path.abspath(source), "plan_hash": copied.get("plan_hash"),
+                                      "base_hash": base_hash(study.plan), "when": now_iso()}  # fmt: skip
+            copied["plan_hash"] = study.plan_hash
+            write_json(path, copied)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(temporary, target)
+    say(f"adopted the base VAE of {source} (plan {source_plan['plan_hash']}, same base settings; sha256 {sha[:12]})")
+
+
 def export_half_precision(source: str, target: str) -> None:
     """Copies a VAE folder with its floating-point weights in float16 (42 MB instead of 84 for the full preset)."""
     from safetensors.torch import load_file, save_file
@@ -805,6 +863,7 @@ class Runner:
         self.launched, self.finished, self.failed, self.interrupted = [], [], [], []
         self.blocked: Dict[str, str] = {}
         self.deferred: Dict[str, str] = {}
+        self.missing: Dict[str, str] = {}  # units waiting for a module: re-checked at every pick (it may get installed)
         self.running: Dict[int, Running] = {}
         self.stop = False
 
@@ -839,6 +898,10 @@ class Runner:
 
     def pick(self) -> Optional[Unit]:
         remaining = None if self.deadline is None else self.deadline - time.monotonic()
+        if self.missing:
+            import importlib
+
+            importlib.invalidate_caches()
         for unit in self.units:
             name = unit.name
             if name not in self.selected or self.state[name] in ("done", "diverged", "running") or name in self.failed:
@@ -849,8 +912,9 @@ class Runner:
             if why == "wait":
                 continue
             if why is not None:
-                (self.deferred if why.startswith("deferred") else self.blocked)[name] = why
+                (self.missing if why.startswith("deferred") else self.blocked)[name] = why
                 continue
+            self.missing.pop(name, None)
             if not self.retry_allowed(unit):
                 self.blocked[name] = "failed twice before: rerun with --retry_failed (see its failed.json)"
                 continue
@@ -1040,7 +1104,7 @@ class Runner:
         estimate = sum(u.estimate_s for u in left)
         say(f"{len(left)} units remain (estimate {fmt_s(estimate)} in all); rerun the same command to continue:")
         for unit in left:
-            why = self.blocked.get(unit.name) or self.deferred.get(unit.name) or (
+            why = self.blocked.get(unit.name) or self.deferred.get(unit.name) or self.missing.get(unit.name) or (
                 "interrupted" if unit.name in self.interrupted else "failed" if unit.name in self.failed else None)
             if why is None:
                 waiting = [d for d in unit.deps if self.state.get(d) not in ("done",)]
@@ -1348,6 +1412,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="Where the scripts run.")
     parser.add_argument("--expect_base", action="store_true",
                         help="Fail instead of training the base VAE when base/ is missing (later GPU pieces, where it is carried).")
+    parser.add_argument("--adopt_base", metavar="STUDY_DIR", default=None,
+                        help="Reuse the finished base VAE of another study folder whose plan has the same base settings "
+                        "(data, VAE, base training and evaluation), instead of training one.")
     parser.add_argument("--retry_failed", action="store_true", help="Retry units that failed twice before.")
     parser.add_argument("--pack_dir", default=None, help="Also pack the small result files into this folder at the end.")
     parser.add_argument("--pack_base", action="store_true", help="With --pack_dir: also the float16 base VAE, in 15 MiB parts.")
@@ -1433,6 +1500,8 @@ def main(argv=None) -> int:
     if args.stages - {"report"}:
         study.check_or_write_plan()
         study.data = prepare_data(args.data_dir, out, preset)
+        if args.adopt_base:
+            adopt_base(args.adopt_base, study)
         base_marker = study.path("base", "done.json")
         if with_base and "base" in selected and not os.path.isfile(base_marker) and args.expect_base:
             raise SystemExit(

@@ -4,13 +4,15 @@
 # it outlives one command; each command waits, then packs what is finished into $OUT. On a machine of
 # your own, run the study directly instead (benchmarks/STUDY.md).
 #
-#   bash benchmarks/study_lease.sh start   # install carried wheels, start the study, wait, pack
-#   bash benchmarks/study_lease.sh wait    # wait (until the study ends or WAIT_S pass), pack
+#   bash benchmarks/study_lease.sh start   # install the carried wheels, start the study, wait, pack
+#   bash benchmarks/study_lease.sh wait    # (install more wheels,) wait until the study ends or WAIT_S pass, pack
+#   bash benchmarks/study_lease.sh stop    # wait WAIT_S, then stop the study cleanly (SIGTERM: units resume later), pack
 #
 # Settings (environment): STUDY (the study folder), DATA (photos), PRESET, DEVICES (one slot per entry;
 # "0 0 0 0 0 0" = six units sharing GPU 0), BUDGET_S (the study's --time_budget_s), WAIT_S,
 # ONLY (the chains, in priority order), PY (the Python to use), OUT (where packed results go),
-# SKIP_WHEELS=1 (do not install .whl/).
+# WHEELS (a folder of wheels to install first; "" for none), ADOPT (a study folder whose base VAE to reuse:
+# --adopt_base), PACK_BASE=0 (never return the base VAE: its 42 MB take long enough to lose the machine).
 set -u
 cd "$(dirname "$0")/.."
 STUDY=${STUDY:-/tmp/study}
@@ -21,14 +23,18 @@ BUDGET_S=${BUDGET_S:-1600}
 WAIT_S=${WAIT_S:-570}
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/study_out}
+WHEELS=${WHEELS-.whl}
+ADOPT=${ADOPT:-}
+PACK_BASE=${PACK_BASE:-1}
 ONLY=${ONLY:-baseline/0 ssreg/0 baseline/1 ssreg/1 baseline/2 ssreg/2 baseline_scratch ssreg_scratch legendre random_a no_centering alpha_0.5}
 started=$(date +%s)
 mkdir -p "$STUDY" "$OUT"
 
+if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+    echo "installed $(ls "$WHEELS" | wc -l) wheels from $WHEELS"
+fi
 if [ "${1:-}" = start ]; then
-    if [ -d .whl ] && [ -z "${SKIP_WHEELS:-}" ]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    fi
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$STUDY/gpu_info.csv"
@@ -37,25 +43,32 @@ if [ "${1:-}" = start ]; then
     fi
     # shellcheck disable=SC2086
     setsid nohup "$PY" benchmarks/small_scale_study.py --data_dir "$DATA" --output_dir "$STUDY" --preset "$PRESET" \
-        --devices $DEVICES --time_budget_s "$BUDGET_S" --only $ONLY > "$STUDY/runner.log" 2>&1 < /dev/null &
+        --devices $DEVICES --time_budget_s "$BUDGET_S" ${ADOPT:+--adopt_base "$ADOPT"} --only $ONLY \
+        > "$STUDY/runner.log" 2>&1 < /dev/null &
     echo $! > "$STUDY/runner.pid"
     echo "started the study (pid $(cat "$STUDY/runner.pid")) at $(date -u +%FT%TZ)"
-elif [ "${1:-}" != wait ]; then
-    echo "usage: $0 start|wait" >&2
+elif [ "${1:-}" != wait ] && [ "${1:-}" != stop ]; then
+    echo "usage: $0 start|wait|stop" >&2
     exit 2
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
-pid=$(cat "$STUDY/runner.pid" 2>/dev/null || echo 0)
-while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - started )) -lt "$WAIT_S" ]; do
+pid=$(cat "$STUDY/runner.pid" 2>/dev/null)
+alive() { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+while alive && [ $(( $(date +%s) - started )) -lt "$WAIT_S" ]; do
     sleep 5
 done
-if kill -0 "$pid" 2>/dev/null; then echo "the study is still running"; else echo "the study has ended"; fi
+if [ -z "$pid" ]; then echo "no study was started on this machine ($STUDY/runner.pid is missing)"; exit 3; fi
+if [ "${1:-}" = stop ] && alive; then
+    kill -TERM "$pid"
+    for _ in $(seq 150); do alive || break; sleep 1; done
+fi
+if alive; then echo "the study is still running"; else echo "the study has ended"; fi
 tail -n 25 "$STUDY/runner.log"
 
 # pack: the small result files, plus the float16 base VAE the first time it is done (for a later lease)
 pack_base=()
-if [ -f "$STUDY/base/done.json" ] && [ ! -f "$STUDY/.base_packed" ]; then
+if [ "$PACK_BASE" = 1 ] && [ -f "$STUDY/base/done.json" ] && [ ! -f "$STUDY/.base_packed" ]; then
     pack_base=(--pack_base)
     touch "$STUDY/.base_packed"
 fi

@@ -1,5 +1,6 @@
 """benchmarks/small_scale_study.py: the tiny preset end to end on the CPU (real subprocesses, offline), resume, errors."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 
 import numpy as np
 import pytest
@@ -41,6 +43,11 @@ def run_study(*args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_photos(folder, names=PHOTOS):
@@ -195,6 +202,39 @@ def test_another_plan_in_the_same_folder_is_refused(study, photos):
 def test_expect_base_fails_without_a_base(photos, tmp_path):
     result = run_study("--data_dir", photos, "--output_dir", tmp_path / "s", "--preset", "tiny", "--expect_base", check=False)
     assert result.returncode != 0 and "--expect_base" in result.stderr and "base/done.json" in result.stderr
+
+
+def test_adopt_base_from_a_plan_with_the_same_base_settings(study, tmp_path):
+    """A plan that differs only in fine-tune/DiT settings reuses the finished base; other base settings are refused."""
+    module = load_study_module()
+    tiny = module.PRESETS["tiny"]
+    other = module.Study(str(tmp_path / "other"), dataclasses.replace(tiny, finetune_steps=6, dit_steps=3), "tiny", "cpu", 0)
+    assert other.plan_hash != read_json(os.path.join(study["out"], "plan.json"))["plan_hash"]
+    module.adopt_base(study["out"], other)
+    source_marker = read_json(os.path.join(study["out"], "base", "done.json"))
+    marker = read_json(str(tmp_path / "other" / "base" / "done.json"))
+    assert marker["plan_hash"] == other.plan_hash and marker["vae_sha"] == source_marker["vae_sha"]
+    assert marker["adopted_from"]["plan_hash"] == source_marker["plan_hash"] and marker["results"] == source_marker["results"]
+    assert read_json(str(tmp_path / "other" / "base" / "eval" / "done.json"))["plan_hash"] == other.plan_hash
+    module.adopt_base(study["out"], other)  # again: nothing to do
+    different = module.Study(str(tmp_path / "d"), dataclasses.replace(tiny, base_steps=5), "tiny", "cpu", 0)
+    with pytest.raises(SystemExit, match="other base settings .*base_steps"):
+        module.adopt_base(study["out"], different)
+    assert not os.path.exists(tmp_path / "d" / "base")
+
+
+def test_units_waiting_for_a_module_start_once_it_is_installed(tmp_path, monkeypatch):
+    """The GPU study installs some wheels while it already runs: a unit deferred for a missing module is re-checked."""
+    module = load_study_module()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = "ssreg_study_probe_module_" + str(os.getpid())
+    unit = module.Unit("score/ssreg/0", "score", "ssreg", 0, "arms/ssreg/seed0/score", [], needs=(name,))
+    runner_study = module.Study(str(tmp_path / "s"), module.PRESETS["tiny"], "tiny", "cpu", 0)
+    args = types.SimpleNamespace(devices=None, time_budget_s=None, retry_failed=False)
+    runner = module.Runner(runner_study, [unit], {unit.name}, args)
+    assert runner.pick() is None and "not importable" in runner.missing[unit.name]
+    (tmp_path / f"{name}.py").write_text("")
+    assert runner.pick() is unit and unit.name not in runner.missing
 
 
 # --------------------------------------------------------------------------------------------
