@@ -929,6 +929,11 @@ class Runner:
 
     def env(self, slot_device) -> Dict[str, str]:
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # Units share the machine's cores: by default each process would start one OpenMP thread per core, and
+        # six spinning pools on 16 cores left the H100 mostly idle in the 2026-11-24 run (see STUDY.md).
+        threads = str(max(1, (os.cpu_count() or 1) // len(self.slots)))
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(variable, threads)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
         if slot_device is not None:
             env["CUDA_VISIBLE_DEVICES"] = "" if slot_device == "cpu" else str(slot_device)

@@ -41,6 +41,11 @@ if [ "${1:-}" = start ]; then
         setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
             > "$STUDY/gpu_usage.csv" 2>&1 < /dev/null &
     fi
+    # the CPU side too: load average and busy share of all cores, every 15 s
+    setsid nohup bash -c 'while true; do read -r _ a b c d e f g _ < /proc/stat; sleep 15; read -r _ A B C D E F G _ < /proc/stat;
+        busy=$(( (A+B+C+F+G) - (a+b+c+f+g) )); total=$(( busy + (D+E) - (d+e) ));
+        echo "$(date -u +%T) load $(cut -d" " -f1 /proc/loadavg) busy $(( 100 * busy / (total > 0 ? total : 1) ))%"; done' \
+        > "$STUDY/cpu_usage.log" 2>&1 < /dev/null &
     # shellcheck disable=SC2086
     setsid nohup "$PY" benchmarks/small_scale_study.py --data_dir "$DATA" --output_dir "$STUDY" --preset "$PRESET" \
         --devices $DEVICES --time_budget_s "$BUDGET_S" ${ADOPT:+--adopt_base "$ADOPT"} --only $ONLY \
@@ -75,4 +80,5 @@ fi
 "$PY" benchmarks/small_scale_study.py --output_dir "$STUDY" --stage report --pack_dir "$OUT" "${pack_base[@]}" 2>&1 | tail -n 3
 cp "$STUDY/runner.log" "$OUT/runner.log"
 [ -f "$STUDY/gpu_usage.csv" ] && cp "$STUDY/gpu_usage.csv" "$OUT/gpu_usage.csv"
+[ -f "$STUDY/cpu_usage.log" ] && cp "$STUDY/cpu_usage.log" "$OUT/cpu_usage.log"
 ls -la "$OUT"
