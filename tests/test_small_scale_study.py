@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -223,6 +224,18 @@ def test_adopt_base_from_a_plan_with_the_same_base_settings(study, tmp_path):
     assert not os.path.exists(tmp_path / "d" / "base")
 
 
+def test_units_share_the_cores(tmp_path, monkeypatch):
+    """Each of N parallel units gets cores // N OpenMP threads (six default pools of 16 spinning threads starved the GPU)."""
+    module = load_study_module()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "5")  # what the user set is kept
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 16)
+    runner_study = module.Study(str(tmp_path / "s"), module.PRESETS["tiny"], "tiny", "cpu", 0)
+    args = types.SimpleNamespace(devices=["0", "0", "0", "0", "0", "0"], time_budget_s=None, retry_failed=False)
+    env = module.Runner(runner_study, [], set(), args).env("0")
+    assert env["OMP_NUM_THREADS"] == "2" and env["MKL_NUM_THREADS"] == "5" and env["CUDA_VISIBLE_DEVICES"] == "0"
+
+
 def test_units_waiting_for_a_module_start_once_it_is_installed(tmp_path, monkeypatch):
     """The GPU study installs some wheels while it already runs: a unit deferred for a missing module is re-checked."""
     module = load_study_module()
@@ -274,3 +287,116 @@ def test_report_statistics_over_seeds(tmp_path):
     markdown = (out / "study_results.md").read_text()
     assert "| ssreg | 3 | 21.1667 ± 1.2583 | 0: 20.0000, 1: 21.0000, 2: 22.5000 |" in markdown
     assert "`finetune/random_a/0` (step 17)" in markdown and "| random_a | 0 | diverged |" in markdown
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/study_figures.py: the arms side by side
+# --------------------------------------------------------------------------------------------
+
+
+FIGURES_SCRIPT = os.path.join(ROOT, "benchmarks", "study_figures.py")
+FIGURE_FILES = ("unmasking.png", "blur_dynamics.png", "latent_spectrum.png", "channel_std.png", "training_curves.png",
+                "samples.png")  # fmt: skip
+
+
+def run_figures(*args, check=True):
+    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, FIGURES_SCRIPT, *map(str, args)], env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def assert_figures_written(folder, stdout, names=FIGURE_FILES):
+    """Every figure is a PNG of nonzero size (under ~300 KB) with something drawn on it, and its path was printed."""
+    for name in names:
+        path = os.path.join(str(folder), name)
+        assert os.path.isfile(path), (name, stdout[-3000:])
+        assert f"wrote {path}" in stdout, (path, stdout[-3000:])
+        assert 0 < os.path.getsize(path) <= 300 * 1024, (name, os.path.getsize(path))
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 200, (name, image.size)
+            pixels = np.asarray(image.convert("L"))
+        assert (pixels < 200).mean() > 0.01, f"{name} is (nearly) blank"
+
+
+def copy_study_results(source, target):
+    """The study's small result files only (no weights, crops or checkpoints), like a --pack_dir archive holds."""
+    def ignore(directory, names):
+        return [n for n in names if n == "data" or n.startswith("checkpoint-") or n.endswith((".safetensors", ".bin"))]
+
+    shutil.copytree(source, target, ignore=ignore)
+    return target
+
+
+def test_study_figures_from_the_study_folder(study, tmp_path):
+    out = tmp_path / "figures"
+    result = run_figures(study["out"], "--output_dir", out)
+    assert_figures_written(out, result.stdout)
+    assert "found: base, baseline (1), ssreg (1)" in result.stdout, result.stdout
+    assert "6 figure(s) in" in result.stdout and "not drawn" not in result.stdout
+    # alpha 0 has no SSReg branch: its latent_mse (always 0) is left out of the training curves, and that is said
+    assert "baseline has no latent_mse" in result.stdout and "ssreg has no latent_mse" not in result.stdout
+
+
+def test_study_figures_from_a_packed_study(study, tmp_path):
+    run_study("--output_dir", study["out"], "--preset", "tiny", "--stage", "report", "--pack_dir", tmp_path / "pack")
+    archive = tmp_path / "pack" / "study_results.tar.gz"
+    out = tmp_path / "figures"
+    result = run_figures(archive, "--output_dir", out)
+    assert f"(extracted from {archive})" in result.stdout
+    assert_figures_written(out, result.stdout)
+    assert "found: base, baseline (1), ssreg (1)" in result.stdout
+
+
+def test_study_figures_skip_missing_pieces_and_show_seeds(study, tmp_path):
+    """A study cut short: missing results are skipped and said; an arm with two seeds is drawn too."""
+    root = copy_study_results(study["out"], tmp_path / "partial")
+    shutil.copytree(root / "arms" / "baseline" / "seed0", root / "arms" / "baseline" / "seed1")
+    os.remove(root / "arms" / "ssreg" / "seed0" / "eval" / "results.json")
+    os.remove(root / "arms" / "ssreg" / "seed0" / "dit" / "samples" / "final.png")
+    os.remove(root / "arms" / "baseline" / "seed1" / "eval" / "done.json")
+    out = tmp_path / "figures"
+    result = run_figures(root, "--output_dir", out)
+    log = result.stdout
+    assert "found: base, baseline (2), ssreg (1)" in log, log
+    assert "skip ssreg/seed0: no eval/results.json" in log and "skip ssreg/seed0: no dit/samples/final.png" in log
+    assert "skip baseline/seed1: eval/done.json is missing" in log  # as in the tables: unfinished units don't count
+    assert "unmasking: no unmasking results for ssreg" in log and "samples: no DiT samples for ssreg" in log
+    assert_figures_written(out, log)  # the base, baseline (and ssreg's training log) are still drawn
+
+
+def test_study_figures_bad_study_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no_such_study"
+    result = run_figures(missing, "--output_dir", tmp_path / "figures", check=False)
+    assert result.returncode == 2 and f"argument STUDY: '{missing}' does not exist" in result.stderr, result.stderr
+    not_an_archive = tmp_path / "study_results.tar.gz"
+    not_an_archive.write_text("not a tarball")
+    result = run_figures(not_an_archive, "--output_dir", tmp_path / "figures", check=False)
+    assert result.returncode == 2 and f"argument STUDY: '{not_an_archive}' is a file but not a tar archive" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = run_figures(tmp_path / "empty", "--output_dir", tmp_path / "figures", check=False)
+    assert result.returncode == 2 and "is not a study: no arms/, base/ or study_results.json" in result.stderr
+    (tmp_path / "bare" / "arms" / "ssreg" / "seed0").mkdir(parents=True)  # a study with no result in it yet
+    result = run_figures(tmp_path / "bare", "--output_dir", tmp_path / "figures", check=False)
+    assert result.returncode == 1 and "no figure could be drawn" in result.stderr
+    assert "skip ssreg/seed0: no eval/results.json" in result.stdout
+    result = run_figures("--output_dir", tmp_path / "figures", check=False)
+    assert result.returncode == 2 and "the following arguments are required: STUDY" in result.stderr
+    assert not os.path.exists(tmp_path / "figures")
+
+
+def test_study_figures_frequency_order_matches_the_basis():
+    spec = importlib.util.spec_from_file_location("study_figures", FIGURES_SCRIPT)
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    from diffusers_ssreg.basis import channel_frequency_order, channel_to_basis_index
+
+    for grid in ((1, 1), (2, 2), (4, 4), (2, 8), (8, 2)):
+        assert figures.frequency_order(grid) == channel_frequency_order(grid), grid
+        assert [figures.basis_index(n, grid) for n in range(grid[0] * grid[1])] == \
+            [tuple(channel_to_basis_index(n, grid)) for n in range(grid[0] * grid[1])]  # fmt: skip
+    assert figures.frequency_order((4, 4)) == [0, 1, 4, 2, 5, 8, 3, 6, 9, 12, 7, 10, 13, 11, 14, 15]
