@@ -629,6 +629,8 @@ class Study:
                     "--samples", samples, "--reference", self.path("data", f"{reference}_crops"), "--resolution", "0",
                     "--max_samples", str(p.num_samples), "--feature_extractor", p.feature_extractor, "--no_download",
                     "--batch_size", str(p.score_batch), "--output_dir", os.path.join(folder, reference),
+                    # the reference crops' features are the same for every chain: computed once, then read
+                    "--reference_cache", self.path("data", f"{reference}_crops_features.safetensors"),
                 ])  # fmt: skip
                 for reference in ("heldout", "train")
             ]

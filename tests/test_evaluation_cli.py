@@ -96,6 +96,14 @@ def test_generation_subcommand(workspace, tmp_path):
                             "precision-EffNetLite0", "recall-EffNetLite0"}
     assert result["num_samples"] == 8 and result["num_reference"] == 4
     assert "FID-EffNetLite0" in (tmp_path / "gen" / "report.md").read_text()
+    # --reference_cache: written by the first run, read by the next, same scores
+    cached = []
+    for name in ("gen_cache_1", "gen_cache_2"):
+        cached.append(run(["generation", "--samples", str(tmp_path / "samples.npz"), "--reference", workspace["images"],
+                           "--feature_extractor", "effnet-lite0", "--resolution", "64", "--output_dir", str(tmp_path / name),
+                           "--reference_cache", str(tmp_path / "reference.safetensors"), "--no_progress"]))
+    assert [c["settings"]["reference_cache"]["state"] for c in cached] == ["written", "read"]
+    assert cached[0]["metrics"] == cached[1]["metrics"] == result["metrics"]
 
 
 def test_missing_inception_weights_through_the_cli(workspace, tmp_path, monkeypatch):

@@ -332,3 +332,45 @@ def test_evaluate_reconstruction_rejects_bad_input(tmp_path):
         evaluate_reconstruction(lambda x: x[..., :-1], torch.zeros(2, 3, 16, 16), lpips_net=None, progress=False)
     with pytest.raises(TypeError, match="AutoencoderKL"):
         evaluate_reconstruction(42, torch.zeros(2, 3, 16, 16), lpips_net=None, progress=False)
+
+
+def test_reference_features_cache_is_read_when_it_matches_and_rebuilt_when_not(tmp_path, photos):
+    """Scoring many models against one reference set: its features are computed once, and only reused for the same
+    extractor, images, resolution and sample cap."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "reference"
+    save_image_folder(photos, str(folder))
+    samples = save_npz(photos * 0.5, str(tmp_path / "samples.npz"))
+    calls = []
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return pooled_pixels(x)
+
+    extractor = CallableFeatureExtractor(counting, name="Pool4")
+    cache = str(tmp_path / "cache" / "reference.safetensors")
+    plain = evaluate_generation(samples, str(folder), feature_extractor=extractor, batch_size=4, progress=False)
+    calls.clear()
+    first = evaluate_generation(samples, str(folder), feature_extractor=extractor, batch_size=4, progress=False,
+                                reference_cache=cache)
+    assert first["settings"]["reference_cache"]["state"] == "written" and sum(calls) == 2 * len(photos)
+    calls.clear()
+    second = evaluate_generation(samples, str(folder), feature_extractor=extractor, batch_size=4, progress=False,
+                                 reference_cache=cache)
+    assert second["settings"]["reference_cache"]["state"] == "read" and sum(calls) == len(photos)  # samples only
+    assert second["metrics"] == first["metrics"] == plain["metrics"]
+    with safe_open(cache, framework="pt") as archive:
+        assert set(archive.keys()) == {"pool"} and "Pool4" in archive.metadata()["ssreg_reference_key"]
+    # Another sample cap, or a changed reference set: recomputed and rewritten, never a stale read.
+    capped = evaluate_generation(samples, str(folder), feature_extractor=extractor, batch_size=4, progress=False,
+                                 max_samples=5, reference_cache=cache)
+    assert capped["settings"]["reference_cache"]["state"] == "written" and capped["num_reference"] == 5
+    os.remove(next(folder.iterdir()))
+    fewer = evaluate_generation(samples, str(folder), feature_extractor=extractor, batch_size=4, progress=False,
+                                reference_cache=cache)
+    assert fewer["settings"]["reference_cache"]["state"] == "written" and fewer["num_reference"] == len(photos) - 1
+    assert not [p for p in os.listdir(tmp_path / "cache") if ".tmp" in p]
+    with pytest.raises(ValueError, match="`reference_cache` needs `reference` to be a folder"):
+        evaluate_generation(samples, torch.as_tensor(photos), feature_extractor=extractor, reference_cache=cache,
+                            progress=False)

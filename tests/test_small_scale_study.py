@@ -224,6 +224,17 @@ def test_adopt_base_from_a_plan_with_the_same_base_settings(study, tmp_path):
     assert not os.path.exists(tmp_path / "d" / "base")
 
 
+def test_score_units_share_the_reference_features(study):
+    """The reference crops' features are computed by the first chain's score and read by every later one."""
+    states = {}
+    for arm in ("baseline", "ssreg"):
+        for reference in ("heldout", "train"):
+            path = os.path.join(study["out"], "arms", arm, "seed0", "score", reference, "generation.json")
+            states[arm, reference] = read_json(path)["settings"]["reference_cache"]["state"]
+    assert sorted(states.values()) == ["read", "read", "written", "written"], states
+    assert {states["ssreg", "heldout"], states["baseline", "heldout"]} == {"read", "written"}
+
+
 def test_units_share_the_cores(tmp_path, monkeypatch):
     """Each of N parallel units gets cores // N OpenMP threads (six default pools of 16 spinning threads starved the GPU)."""
     module = load_study_module()

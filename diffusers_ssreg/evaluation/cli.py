@@ -124,6 +124,10 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     generation.add_argument("--max_samples", type=int, default=None, help="Use at most this many images of each set.")
     generation.add_argument("--neighborhood", type=int, default=3, help="k of the k-NN manifolds (precision/recall).")
     generation.add_argument("--splits", type=int, default=10, help="Splits of the Inception Score.")
+    generation.add_argument("--reference_cache", default=None, metavar="FILE.safetensors",
+                            help="Cache of the reference features: read when it matches (same extractor, reference files, "
+                                 "resolution, --max_samples), else computed and written. For scoring many models "
+                                 "against one reference set.")
     _add_feature_args(generation, default="inception")
     _add_common(generation)
     args = parser.parse_args(input_args)
@@ -345,6 +349,7 @@ def _run_generation(args: argparse.Namespace) -> Dict[str, Any]:
         resolution=args.resolution or None, max_samples=args.max_samples, device=args.device,
         num_workers=args.num_workers, neighborhood=args.neighborhood, splits=args.splits,
         inception_weights=args.inception_weights, allow_download=not args.no_download, progress=not args.no_progress,
+        reference_cache=args.reference_cache,
     )
     result["command"] = _command_line(args)
     result["samples"], result["reference"] = args.samples, args.reference

@@ -7,6 +7,8 @@ convention, streaming feature statistics, labels that keep non-standard feature 
 published FID, batching over devices, JSON-ready results) and the Fréchet distance (see its comment).
 """
 
+import hashlib
+import json
 import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -269,6 +271,52 @@ def extract_features(
     return {key: torch.cat(values) for key, values in collected.items()}
 
 
+def reference_cache_key(reference: ImageSource, extractor: FeatureExtractor, resolution: Optional[int],
+                        max_samples: Optional[int]) -> Dict[str, Any]:
+    """What a cached reference feature file must match: the extractor, the image set (a folder's file names and sizes,
+    or a file's size and modification time), the resolution and the sample cap."""
+    if not isinstance(reference, (str, os.PathLike)):
+        raise ValueError(
+            f"`reference_cache` needs `reference` to be a folder or an .npz/.npy file, got {type(reference).__name__}: "
+            f"other sources have no fingerprint to check a cache against."
+        )
+    path = os.path.abspath(os.fspath(reference))
+    digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for directory, folders, names in os.walk(path):
+            folders.sort()
+            for name in sorted(names):
+                full = os.path.join(directory, name)
+                digest.update(f"{os.path.relpath(full, path)}\0{os.path.getsize(full)}\n".encode())
+    elif os.path.isfile(path):
+        stat = os.stat(path)
+        digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    else:
+        raise ValueError(f"`reference` {path!r} does not exist.")
+    return {"extractor": extractor.describe().get("name"), "reference": path, "fingerprint": digest.hexdigest()[:16],
+            "resolution": resolution, "max_samples": max_samples, "version": 1}  # fmt: skip
+
+
+def cached_reference_features(cache: str, key: Dict[str, Any], compute: Callable[[], Dict[str, torch.Tensor]]):
+    """The reference features from the safetensors file `cache` when its key matches `key`, else `compute()`, written
+    there atomically (a temporary file renamed into place, so parallel runs sharing one cache never read half a file).
+    Returns `(features, "read" | "written")`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    wanted = json.dumps(key, sort_keys=True)
+    if os.path.isfile(cache):
+        with safe_open(cache, framework="pt") as archive:
+            if (archive.metadata() or {}).get("ssreg_reference_key") == wanted:
+                return {name: archive.get_tensor(name) for name in archive.keys()}, "read"
+    features = compute()
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    temporary = f"{cache}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in features.items()}, temporary, metadata={"ssreg_reference_key": wanted})
+    os.replace(temporary, cache)
+    return features, "written"
+
+
 def _num_batches(batches) -> Optional[int]:
     try:
         return len(batches)
@@ -290,6 +338,7 @@ def evaluate_generation(
     inception_weights: Optional[str] = None,
     allow_download: bool = True,
     progress: bool = True,
+    reference_cache: Optional[str] = None,
 ) -> Dict[str, Any]:
     r"""
     Generation metrics between generated `samples` and `reference` images: FID, sFID, IS (of the samples),
@@ -303,6 +352,10 @@ def evaluate_generation(
             labelled `-EffNetLite0`), or any `FeatureExtractor` / callable.
         neighborhood (`int`, defaults to 3): k of the k-NN manifolds of precision/recall.
         splits (`int`, defaults to 10): splits of the Inception Score.
+        reference_cache (`str`, *optional*): a `.safetensors` file for the reference features. When it exists and
+            was made from the same extractor, reference images (file names and sizes), `resolution` and
+            `max_samples`, the features are read from it; otherwise they are computed and written there. For
+            scoring many models against one reference set.
 
     Returns:
         A JSON-ready dict: `metrics` (named with the extractor's suffix), `feature_extractor` (name,
@@ -318,7 +371,13 @@ def evaluate_generation(
     common = dict(batch_size=batch_size, resolution=resolution, max_samples=max_samples, device=device,
                   num_workers=num_workers, progress=progress)
     sample_features = extract_features(samples, extractor, description="samples", **common)
-    reference_features = extract_features(reference, extractor, description="reference", **common)
+    cache_state = None
+    if reference_cache is None:
+        reference_features = extract_features(reference, extractor, description="reference", **common)
+    else:
+        key = reference_cache_key(reference, extractor, resolution, max_samples)
+        reference_features, cache_state = cached_reference_features(
+            reference_cache, key, lambda: extract_features(reference, extractor, description="reference", **common))
     metrics = generation_metrics_from_features(
         sample_features, reference_features, extractor.metric_suffix, neighborhood=neighborhood, splits=splits,
         reference_statistics=reference_statistics,
@@ -330,7 +389,8 @@ def evaluate_generation(
         "num_reference": int(reference_features["pool"].shape[0]),
         "settings": {"resolution": resolution, "neighborhood": neighborhood, "splits": splits,
                      "max_samples": max_samples, "device": str(resolve_device(device)),
-                     "reference_statistics": sorted(reference_statistics) if reference_statistics else None},
+                     "reference_statistics": sorted(reference_statistics) if reference_statistics else None,
+                     "reference_cache": None if reference_cache is None else {"path": reference_cache, "state": cache_state}},
         "seconds": round(time.time() - start, 2),
         "diffusers_ssreg_version": __version__,
     }
