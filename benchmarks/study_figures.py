@@ -286,10 +286,21 @@ def section(runs: List[Run], name: str) -> List[dict]:
     return [r.latent[name] for r in runs if r.latent and isinstance(r.latent.get(name), dict)]
 
 
-def say_missing(figure: str, runs: Dict[str, List[Run]], kept: Dict[str, list], what: str) -> None:
-    for label in runs:
-        if label not in kept:
+def available(figure: str, runs: Dict[str, List[Run]], select, what: str, with_base: bool = True) -> Dict[str, list]:
+    """label -> `select(its runs)` for the labels where that is not empty; says each label left out, and says when
+    nothing is left (then the figure is skipped)."""
+    kept = {}
+    for label, label_runs in runs.items():
+        if label == BASE and not with_base:
+            continue
+        chosen = select(label_runs)
+        if chosen:
+            kept[label] = chosen
+        else:
             say(f"  {figure}: no {what} for {label}")
+    if not kept:
+        say(f"  {figure}: nothing to draw, skipped")
+    return kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,12 +310,8 @@ def say_missing(figure: str, runs: Dict[str, List[Run]], kept: Dict[str, list], 
 
 def figure_unmasking(runs: Dict[str, List[Run]], path: str) -> Optional[str]:
     """PSNR to the input (left) and to the full reconstruction (right) vs the number of channels unmasked."""
-    data = {label: section(r, "unmasking") for label, r in runs.items()}
-    data = {label: [u for u in sections if u.get("psnr")] for label, sections in data.items()}
-    data = {label: sections for label, sections in data.items() if sections}
-    say_missing("unmasking", runs, data, "unmasking results")
+    data = available("unmasking", runs, lambda r: [u for u in section(r, "unmasking") if u.get("psnr")], "unmasking results")
     if not data:
-        say("  unmasking: nothing to draw, skipped")
         return None
     colors = colors_for(list(runs))
     figure = new_figure(11.5, 4.4)
@@ -341,17 +348,12 @@ def figure_blur_dynamics(runs: Dict[str, List[Run]], path: str) -> Optional[str]
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
-    panels = []
-    for label, label_runs in runs.items():
-        usable = [r for r in label_runs if r.latent and r.latent.get("blur_dynamics", {}).get("mean_trajectories")]
-        if not usable:
-            say(f"  blur_dynamics: no blur dynamics for {label}")
-            continue
-        coherences = [float(r.latent["blur_dynamics"].get("coherence", "nan")) for r in usable]
-        panels.append((label, usable[0], coherences))
-    if not panels:
-        say("  blur_dynamics: nothing to draw, skipped")
+    usable = available("blur_dynamics", runs, lambda label_runs: [
+        r for r in label_runs if r.latent and r.latent.get("blur_dynamics", {}).get("mean_trajectories")], "blur dynamics")
+    if not usable:
         return None
+    panels = [(label, kept[0], [float(r.latent["blur_dynamics"].get("coherence", "nan")) for r in kept])
+              for label, kept in usable.items()]  # fmt: skip
     rows = math.ceil(len(panels) / 4)
     columns = math.ceil(len(panels) / rows)
     figure = new_figure(3.6 * columns + 0.6, 3.0 * rows + 0.9)
@@ -393,12 +395,9 @@ def figure_blur_dynamics(runs: Dict[str, List[Run]], path: str) -> Optional[str]
 
 def figure_latent_spectrum(runs: Dict[str, List[Run]], path: str) -> Optional[str]:
     """Channel-averaged PSD of the centred latents vs cycles per image: as measured (left) and relative to its first bin (right)."""
-    data = {label: [s for s in section(r, "spectrum") if s.get("psd") and s.get("frequencies_cycles_per_latent_pixel")]
-            for label, r in runs.items()}  # fmt: skip
-    data = {label: sections for label, sections in data.items() if sections}
-    say_missing("latent_spectrum", runs, data, "spectrum")
+    data = available("latent_spectrum", runs, lambda r: [
+        s for s in section(r, "spectrum") if s.get("psd") and s.get("frequencies_cycles_per_latent_pixel")], "spectrum")
     if not data:
-        say("  latent_spectrum: nothing to draw, skipped")
         return None
     colors = colors_for(list(runs))
     figure = new_figure(11.5, 4.4)
@@ -447,16 +446,12 @@ def figure_latent_spectrum(runs: Dict[str, List[Run]], path: str) -> Optional[st
 
 def figure_channel_std(runs: Dict[str, List[Run]], path: str) -> Optional[str]:
     """Per-channel std of the raw latents, channels in low-to-high frequency order: as measured and relative to the mean."""
-    data = {}
     for label, label_runs in runs.items():
-        stats = [s for s in section(label_runs, "statistics") if isinstance(s.get("std"), list) and s["std"]]
-        if stats:
-            data[label] = stats
-        elif section(label_runs, "statistics"):
+        if section(label_runs, "statistics") and not any(isinstance(s.get("std"), list) for s in section(label_runs, "statistics")):
             say(f"  channel_std: {label}'s results.json has only global statistics (no per-channel std): left out")
-    say_missing("channel_std", runs, data, "per-channel latent statistics")
+    data = available("channel_std", runs, lambda r: [
+        s for s in section(r, "statistics") if isinstance(s.get("std"), list) and s["std"]], "per-channel latent statistics")
     if not data:
-        say("  channel_std: no per-channel std anywhere, skipped")
         return None
     channels = len(next(iter(data.values()))[0]["std"])
     grid = None
@@ -521,11 +516,8 @@ def step_statistics(label_runs: List[Run], key: str):
 
 def figure_training_curves(runs: Dict[str, List[Run]], path: str) -> Optional[str]:
     """rec_mae, kl and latent_mse vs step of each arm's VAE training, one row per kind of arm (fine-tune / scratch)."""
-    logs = {label: [r for r in label_runs if r.train_log] for label, label_runs in runs.items() if label != BASE}
-    logs = {label: label_runs for label, label_runs in logs.items() if label_runs}
-    say_missing("training_curves", {k: v for k, v in runs.items() if k != BASE}, logs, "fine-tune log")
+    logs = available("training_curves", runs, lambda r: [run for run in r if run.train_log], "fine-tune log", with_base=False)
     if not logs:
-        say("  training_curves: nothing to draw, skipped")
         return None
     for label, label_runs in logs.items():
         lengths = sorted({len(r.train_log) for r in label_runs})
@@ -571,18 +563,10 @@ def figure_samples(runs: Dict[str, List[Run]], path: str) -> Optional[str]:
     """Each arm's DiT sample grid (first seed that has one), one row per arm."""
     from PIL import Image
 
-    grids = []
-    for label, label_runs in runs.items():
-        if label == BASE:
-            continue
-        with_samples = [r for r in label_runs if r.samples]
-        if not with_samples:
-            say(f"  samples: no DiT samples for {label}")
-            continue
-        grids.append((label, with_samples[0]))
-    if not grids:
-        say("  samples: nothing to draw, skipped")
+    with_samples = available("samples", runs, lambda r: [run for run in r if run.samples], "DiT samples", with_base=False)
+    if not with_samples:
         return None
+    grids = [(label, kept[0]) for label, kept in with_samples.items()]
     images = [np.asarray(Image.open(run.samples).convert("RGB")) for _, run in grids]
     aspect = max(image.shape[1] / image.shape[0] for image in images)
     width = 9.0
