@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,6 +214,63 @@ PRESETS: Dict[str, Preset] = {
         est_dit_s_per_step=0.05, est_sample_s=6.0, est_score_s=14.0, min_resumable_launch_s=5.0,
     ),  # fmt: skip
 }
+
+
+# Preset fields that --set may change: the plan's scalars and the frozen-block pair (not the VAE or DiT config, the
+# selection, the workers or the estimates: a --set value goes into the plan, so it must be one that changes results).
+SETTABLE = tuple(
+    f.name for f in dataclasses.fields(Preset)
+    if f.name not in ("vae_config", "dit_config", "default_arms", "default_seeds", "workers", "min_resumable_launch_s")
+    and not f.name.startswith("est_")
+)  # fmt: skip
+
+
+def set_text(value) -> str:
+    """A --set value as it is typed on the command line (the inverse of apply_overrides' parsing)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def apply_overrides(preset: Preset, items: Sequence[str]) -> Tuple[Preset, Dict]:
+    """`--set KEY=VALUE ...` on top of a preset: each value is parsed as the type the preset's field has.
+
+    Returns the new preset and the overrides as parsed (they go into the plan, so another value is another plan).
+    Raises ValueError with a message that names the item and what is allowed.
+    """
+    overrides: Dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, as in 'finetune_steps=3000'.")
+        if key not in SETTABLE:
+            raise ValueError(f"--set {item!r}: unknown setting {key!r}; settable: {', '.join(SETTABLE)}.")
+        current = getattr(preset, key)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = text.lower() in ("true", "1")
+            elif isinstance(current, int):
+                value = int(text)
+            elif isinstance(current, float):
+                value = float(text)
+            elif isinstance(current, tuple):
+                value = tuple(int(v) for v in text.split(","))
+                if len(value) != len(current):
+                    raise ValueError
+            else:
+                value = text
+        except ValueError:
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(current), f"{len(current)} comma-separated integers" if isinstance(current, tuple) else "text")
+            raise ValueError(f"--set {item!r}: {key} must be {kind} (the preset has {current!r}).") from None
+        numbers = value if isinstance(value, tuple) else (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else ()
+        if any(v < 0 for v in numbers):
+            raise ValueError(f"--set {item!r}: {key} must not be negative.")
+        overrides[key] = value
+    return dataclasses.replace(preset, **overrides), overrides
 
 STAGES = ("data", "base", "finetune", "eval", "cache", "dit", "sample", "score", "report")
 # The settings that make the data, the base VAE and its evaluation: two plans that agree on these can share one base
@@ -489,12 +546,14 @@ def build_units(preset: Preset, selection: List[Tuple[str, int]], with_base: boo
 class Study:
     """Commands and result collection of every unit, for one output folder and preset."""
 
-    def __init__(self, out: str, preset: Preset, preset_name: str, device: str, workers: int):
+    def __init__(self, out: str, preset: Preset, preset_name: str, device: str, workers: int, overrides: Optional[Dict] = None):
         self.out, self.preset, self.preset_name, self.device, self.workers = out, preset, preset_name, device, workers
         self.plan = {
             "study_version": STUDY_VERSION, "preset": preset_name, "settings": preset.plan_dict(),
             "arms": {name: dataclasses.asdict(arm) for name, arm in ARMS.items()}, "base_seed": BASE_SEED,
         }  # fmt: skip
+        if overrides:  # only when there are any, so that a preset's plan hash stays what it was before --set existed
+            self.plan["overrides"] = dict(sorted(overrides.items()))
         self.plan = json.loads(json.dumps(self.plan))  # tuples as lists: compares equal to plan.json
         self.plan_hash = plan_hash(self.plan)
         self.data: Optional[Dict] = None
@@ -514,6 +573,8 @@ class Study:
                 different += [f"arm {k}" for k in new["arms"] if old.get("arms", {}).get(k) != new["arms"][k]]
                 if old.get("preset") != new["preset"]:
                     different.insert(0, f"preset ({old.get('preset')} -> {new['preset']})")
+                if old.get("overrides") != new.get("overrides") and not different:
+                    different.append(f"--set ({old.get('overrides')} -> {new.get('overrides')})")
                 raise SystemExit(
                     f"small_scale_study: error: {self.out!r} holds a study made with another plan "
                     f"(differs in: {', '.join(different) or 'version'}). Results of different plans must not be mixed: "
@@ -1251,7 +1312,10 @@ def write_report(out: str) -> Dict:
     settings = plan.get("plan", {}).get("settings", {})
     if settings:
         lines += [
-            f"_Plan `{plan.get('plan_hash')}` (preset `{plan['plan'].get('preset')}`), report written {now_iso()}. "
+            f"_Plan `{plan.get('plan_hash')}` (preset `{plan['plan'].get('preset')}`"
+            + (", `--set " + " ".join(f"{k}={set_text(v)}" for k, v in plan["plan"]["overrides"].items()) + "`"
+               if plan["plan"].get("overrides") else "")
+            + f"), report written {now_iso()}. "
             f"Generated by `benchmarks/small_scale_study.py --stage report`; every number comes from the units' `done.json`._",
             "",
             f"Setting: {settings['resolution']} px crops; VAE batch {settings['vae_batch']}; base {settings['base_steps']} steps "
@@ -1406,6 +1470,9 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the GPU study (about 4 GPU-hours); short: every arm in one ~25-minute H100 lease; tiny: a CPU test.")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), metavar="ARM",
                         help=f"Arms to run (default: the preset's: every arm for full). Choices: {', '.join(ARMS)}.")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="Change preset settings, as in 'finetune_steps=3000' (another plan: use another --output_dir). "
+                        "--adopt_base still works while the base settings are unchanged.")
     parser.add_argument("--seeds", nargs="+", type=int, help="Seeds for every selected arm (default: each arm's own).")
     parser.add_argument("--stage", nargs="+", default=["all"], choices=list(STAGES) + ["all"],
                         help="Stages to run (default all); a unit whose inputs are not done is reported as blocked.")
@@ -1428,7 +1495,11 @@ def parse_args(argv=None):
     parser.add_argument("--dry_run", action="store_true", help="List the selected units, their state and commands; run nothing.")
     args = parser.parse_args(argv)
 
-    preset = PRESETS[args.preset]
+    try:
+        preset, args.overrides = apply_overrides(PRESETS[args.preset], args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    args.preset_settings = preset
     arms = args.arms or list(preset.default_arms or ARMS)
     if args.seeds is not None and any(s < 0 for s in args.seeds):
         parser.error(f"--seeds must be non-negative, got {args.seeds}.")
@@ -1466,7 +1537,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
+    preset = args.preset_settings
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
 
@@ -1484,7 +1555,7 @@ def main(argv=None) -> int:
     slots = len(args.devices or [None])
     workers = preset.workers if device == "cuda" or preset.workers == 0 else min(preset.workers, os.cpu_count() or 1)
     workers = max(0, min(workers, (os.cpu_count() or 1) // slots))
-    study = Study(out, preset, args.preset, device, workers)
+    study = Study(out, preset, args.preset, device, workers, args.overrides)
 
     with_base = args.only_base or any(ARMS[a].init == "base" for a, _ in args.selection)
     units = build_units(preset, [] if args.only_base and not args.selection else args.selection, with_base)

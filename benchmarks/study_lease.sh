@@ -10,7 +10,7 @@
 #
 # Settings (environment): STUDY (the study folder), DATA (photos), PRESET, DEVICES (one slot per entry;
 # "0 0 0 0 0 0" = six units sharing GPU 0), BUDGET_S (the study's --time_budget_s), WAIT_S,
-# ONLY (the chains, in priority order), PY (the Python to use), OUT (where packed results go),
+# ONLY (the chains, in priority order), SET (preset changes for --set, as in "finetune_steps=3000"), STAGES (--stage), PY (the Python to use), OUT (where packed results go),
 # WHEELS (a folder of wheels to install first; "" for none), ADOPT (a study folder whose base VAE to reuse:
 # --adopt_base), PACK_BASE=0 (never return the base VAE: its 42 MB take long enough to lose the machine).
 set -u
@@ -48,7 +48,7 @@ if [ "${1:-}" = start ]; then
         > "$STUDY/cpu_usage.log" 2>&1 < /dev/null &
     # shellcheck disable=SC2086
     setsid nohup "$PY" benchmarks/small_scale_study.py --data_dir "$DATA" --output_dir "$STUDY" --preset "$PRESET" \
-        --devices $DEVICES --time_budget_s "$BUDGET_S" ${ADOPT:+--adopt_base "$ADOPT"} --only $ONLY \
+        --devices $DEVICES --time_budget_s "$BUDGET_S" ${ADOPT:+--adopt_base "$ADOPT"} --only $ONLY ${SET:+--set $SET} --stage ${STAGES:-all} \
         > "$STUDY/runner.log" 2>&1 < /dev/null &
     echo $! > "$STUDY/runner.pid"
     echo "started the study (pid $(cat "$STUDY/runner.pid")) at $(date -u +%FT%TZ)"

@@ -411,3 +411,45 @@ def test_study_figures_frequency_order_matches_the_basis():
         assert [figures.basis_index(n, grid) for n in range(grid[0] * grid[1])] == \
             [tuple(channel_to_basis_index(n, grid)) for n in range(grid[0] * grid[1])]  # fmt: skip
     assert figures.frequency_order((4, 4)) == [0, 1, 4, 2, 5, 8, 3, 6, 9, 12, 7, 10, 13, 11, 14, 15]
+
+
+def test_set_changes_the_plan_and_is_recorded(tmp_path):
+    """--set KEY=VALUE: typed like the preset's field, part of the plan (another hash), shown in the report."""
+    module = load_study_module()
+    tiny = module.PRESETS["tiny"]
+    changed, overrides = module.apply_overrides(tiny, ["finetune_steps=6", "finetune_freeze=1,0", "allow_tf32=true", "finetune_lr=0.5"])
+    assert overrides == {"finetune_steps": 6, "finetune_freeze": (1, 0), "allow_tf32": True, "finetune_lr": 0.5}
+    assert (changed.finetune_steps, changed.finetune_freeze, changed.allow_tf32, changed.finetune_lr) == (6, (1, 0), True, 0.5)
+    assert changed.base_steps == tiny.base_steps
+    plain = module.Study(str(tmp_path / "a"), tiny, "tiny", "cpu", 0)
+    assert module.Study(str(tmp_path / "a"), tiny, "tiny", "cpu", 0, {}).plan_hash == plain.plan_hash
+    assert "overrides" not in plain.plan
+    # the published short study (docs/results.md) keeps its plan hash: no --set, no change of the preset
+    assert module.Study(str(tmp_path / "s"), module.PRESETS["short"], "short", "cuda", 3).plan_hash == "4a6fbb4574054e27"
+    study = module.Study(str(tmp_path / "b"), changed, "tiny", "cpu", 0, overrides)
+    assert study.plan_hash != plain.plan_hash and module.base_hash(study.plan) != module.base_hash(plain.plan)
+    study.check_or_write_plan()
+    module.write_report(str(tmp_path / "b"))
+    header = (tmp_path / "b" / "study_results.md").read_text().splitlines()[2]
+    assert "(preset `tiny`, `--set allow_tf32=true finetune_freeze=1,0 finetune_lr=0.5 finetune_steps=6`)" in header
+    other, other_overrides = module.apply_overrides(tiny, ["finetune_steps=7"])
+    with pytest.raises(SystemExit, match="made with another plan .*finetune_steps"):
+        module.Study(str(tmp_path / "b"), other, "tiny", "cpu", 0, other_overrides).check_or_write_plan()
+    # only the fine-tune changes: the base settings are the same, so --adopt_base accepts the base of the plain plan
+    only_finetune = module.Study(str(tmp_path / "c"), other, "tiny", "cpu", 0, other_overrides)
+    assert module.base_hash(only_finetune.plan) == module.base_hash(plain.plan)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("finetune_steps=3.5", "finetune_steps must be an integer (the preset has 4)"),
+    ("fine_steps=3", "unknown setting 'fine_steps'; settable: resolution,"),
+    ("finetune_freeze=2", "finetune_freeze must be 2 comma-separated integers"),
+    ("finetune_steps", "expected KEY=VALUE"),
+    ("finetune_lr=-1", "finetune_lr must not be negative"),
+    ("allow_tf32=maybe", "allow_tf32 must be true or false"),
+    ("workers=2", "unknown setting 'workers'"),
+])  # fmt: skip
+def test_bad_set_is_a_clear_error(tmp_path, item, message):
+    result = run_study("--output_dir", tmp_path / "s", "--preset", "tiny", "--set", item, "--dry_run", check=False)
+    assert result.returncode == 2 and f"--set {item!r}: {message}" in result.stderr
+    assert not os.path.exists(tmp_path / "s" / "plan.json")
