@@ -36,20 +36,33 @@ if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
 fi
 if [ "${1:-}" = start ]; then
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-    if command -v nvidia-smi >/dev/null; then
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$STUDY/gpu_info.csv"
-        setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
-            > "$STUDY/gpu_usage.csv" 2>&1 < /dev/null &
+    if [ -f "$STUDY/runner.pid" ] && kill -0 "$(cat "$STUDY/runner.pid")" 2>/dev/null; then
+        echo "a study is already running in $STUDY (pid $(cat "$STUDY/runner.pid")): wait for it, or stop it" >&2
+        exit 4
     fi
-    # the CPU side too: load average and busy share of all cores, every 15 s
-    setsid nohup bash -c 'while true; do read -r _ a b c d e f g _ < /proc/stat; sleep 15; read -r _ A B C D E F G _ < /proc/stat;
-        busy=$(( (A+B+C+F+G) - (a+b+c+f+g) )); total=$(( busy + (D+E) - (d+e) ));
-        echo "$(date -u +%T) load $(cut -d" " -f1 /proc/loadavg) busy $(( 100 * busy / (total > 0 ? total : 1) ))%"; done' \
-        > "$STUDY/cpu_usage.log" 2>&1 < /dev/null &
+    # A later start on the same machine (more chains in the time left) appends to the logs and keeps the
+    # monitors of the first: two loggers writing into one truncated file would interleave their lines.
+    if [ ! -f "$STUDY/monitors.pid" ] || ! kill -0 $(cat "$STUDY/monitors.pid") 2>/dev/null; then
+        monitors=()
+        if command -v nvidia-smi >/dev/null; then
+            nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$STUDY/gpu_info.csv"
+            setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
+                >> "$STUDY/gpu_usage.csv" 2>&1 < /dev/null &
+            monitors+=($!)
+        fi
+        # the CPU side too: load average and busy share of all cores, every 15 s
+        setsid nohup bash -c 'while true; do read -r _ a b c d e f g _ < /proc/stat; sleep 15; read -r _ A B C D E F G _ < /proc/stat;
+            busy=$(( (A+B+C+F+G) - (a+b+c+f+g) )); total=$(( busy + (D+E) - (d+e) ));
+            echo "$(date -u +%T) load $(cut -d" " -f1 /proc/loadavg) busy $(( 100 * busy / (total > 0 ? total : 1) ))%"; done' \
+            >> "$STUDY/cpu_usage.log" 2>&1 < /dev/null &
+        monitors+=($!)
+        echo "${monitors[*]}" > "$STUDY/monitors.pid"
+    fi
+    [ -s "$STUDY/runner.log" ] && echo "--- start at $(date -u +%FT%TZ): ONLY=$ONLY ${SET:+SET=$SET }STAGES=${STAGES:-all} ---" >> "$STUDY/runner.log"
     # shellcheck disable=SC2086
     setsid nohup "$PY" benchmarks/small_scale_study.py --data_dir "$DATA" --output_dir "$STUDY" --preset "$PRESET" \
-        --devices $DEVICES --time_budget_s "$BUDGET_S" ${ADOPT:+--adopt_base "$ADOPT"} --only $ONLY ${SET:+--set $SET} --stage ${STAGES:-all} \
-        > "$STUDY/runner.log" 2>&1 < /dev/null &
+        --devices $DEVICES --time_budget_s "$BUDGET_S" ${ADOPT:+--adopt_base "$ADOPT"} --only $ONLY ${SET:+--set $SET} \
+        --stage ${STAGES:-all} >> "$STUDY/runner.log" 2>&1 < /dev/null &
     echo $! > "$STUDY/runner.pid"
     echo "started the study (pid $(cat "$STUDY/runner.pid")) at $(date -u +%FT%TZ)"
 elif [ "${1:-}" != wait ] && [ "${1:-}" != stop ]; then
