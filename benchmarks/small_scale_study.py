@@ -758,6 +758,7 @@ class Study:
             for key in ("global_std", "global_mean"):
                 if key in statistics:
                     results[f"latent/{key}"] = statistics[key]
+            results.update({f"latent/{k}": v for k, v in latent_extras(latent).items()})
         elif unit.stage == "cache":
             stats = read_json(os.path.join(folder, "latent_stats.json"))
             results["cache/num_samples"] = stats["num_samples"]
@@ -1195,6 +1196,8 @@ TABLES = (
     ("latent/unmask_psnr@3", "PSNR (dB) of the decode from the 3 lowest-frequency channels (Fig. 6)", "↑"),
     ("latent/psd_slope", "mean log-log slope of the latent channels' power spectra", ""),
     ("latent/global_std", "latent standard deviation (held-out crops)", ""),
+    ("latent/channel_std_cv", "coefficient of variation of the per-channel latent std (lower: more even channels)", ""),
+    ("latent/unmask_max_step", "largest PSNR gain (dB) of one unmasking step (Fig. 6; lower: more gradual)", ""),
     ("train/kl", "KL term at the end of VAE training (last logged window; Fig. 4)", ""),
     ("train/latent_mse", "latent state-space MSE at the end of VAE training (last logged window)", "↓"),
     ("train/rec_mae", "reconstruction L1 at the end of VAE training (last logged window)", "↓"),
@@ -1229,6 +1232,23 @@ def mean_std(values: List[float]) -> Tuple[Optional[float], Optional[float]]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def latent_extras(latent: Dict) -> Dict[str, float]:
+    """Two latent measures that ssreg-eval's summary lacks, from one model's `latent` entry of results.json.
+
+    - channel_std_cv: coefficient of variation of the 16 per-channel stds (how even the channels' scales are);
+    - unmask_max_step: the largest PSNR gain (dB) of one unmasking step (Fig. 6: a few jumps, or gradual).
+    """
+    extras = {}
+    std = (latent.get("statistics") or {}).get("std")
+    if std and len(std) > 1:
+        mean = sum(std) / len(std)
+        extras["channel_std_cv"] = math.sqrt(sum((v - mean) ** 2 for v in std) / len(std)) / mean if mean > 0 else float("nan")
+    psnr = (latent.get("unmasking") or {}).get("psnr")
+    if psnr and len(psnr) > 1:
+        extras["unmask_max_step"] = max(b - a for a, b in zip(psnr, psnr[1:]))
+    return extras
+
+
 def load_markers(out: str) -> Tuple[Dict[str, Dict], Dict[str, Dict]]:
     done, failed = {}, {}
     for directory, folders, names in os.walk(out):
@@ -1239,6 +1259,13 @@ def load_markers(out: str) -> Tuple[Dict[str, Dict], Dict[str, Dict]]:
                 marker = read_json(os.path.join(directory, name))
                 if "unit" in marker:
                     into[marker["unit"]] = marker
+                # eval markers written before latent_extras existed: derive its measures from the unit's own results.json
+                if into is done and marker.get("stage") == "eval" and os.path.isfile(os.path.join(directory, "results.json")):
+                    results = marker.setdefault("results", {})
+                    if not all(f"latent/{k}" in results for k in ("channel_std_cv", "unmask_max_step")):
+                        model = next(iter(read_json(os.path.join(directory, "results.json")).get("models", {}).values()), {})
+                        for key, value in latent_extras(model.get("latent", {})).items():
+                            results.setdefault(f"latent/{key}", value)
     return done, failed
 
 

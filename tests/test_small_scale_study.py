@@ -453,3 +453,20 @@ def test_bad_set_is_a_clear_error(tmp_path, item, message):
     result = run_study("--output_dir", tmp_path / "s", "--preset", "tiny", "--set", item, "--dry_run", check=False)
     assert result.returncode == 2 and f"--set {item!r}: {message}" in result.stderr
     assert not os.path.exists(tmp_path / "s" / "plan.json")
+
+
+def test_report_derives_channel_evenness_and_unmasking_steps(tmp_path):
+    """latent/channel_std_cv and latent/unmask_max_step: from the eval unit's results.json, also for markers written
+    before these measures existed (the 2026-11-24 GPU study)."""
+    module = load_study_module()
+    latent = {"statistics": {"std": [1.0, 1.0, 2.0, 2.0]}, "unmasking": {"psnr": [10.0, 14.0, 15.5, 15.0]}}
+    assert module.latent_extras(latent) == {"channel_std_cv": pytest.approx(0.5 / 1.5), "unmask_max_step": pytest.approx(4.0)}
+    assert module.latent_extras({}) == {}
+    folder = tmp_path / "s" / "arms" / "ssreg" / "seed0" / "eval"
+    module.write_json(str(folder / "done.json"), {"unit": "eval/ssreg/0", "stage": "eval", "arm": "ssreg", "seed": 0,
+                                                  "status": "done", "results": {"rec/PSNR": 20.0}})  # fmt: skip
+    module.write_json(str(folder / "results.json"), {"models": {"ssreg/0": {"latent": latent}}})
+    report = module.write_report(str(tmp_path / "s"))
+    assert report["measures"]["latent/channel_std_cv"]["ssreg"]["values"]["0"] == pytest.approx(1 / 3)
+    assert report["measures"]["latent/unmask_max_step"]["ssreg"]["mean"] == pytest.approx(4.0)
+    assert "| ssreg | 1 | 4.0000 | 0: 4.0000 |" in (tmp_path / "s" / "study_results.md").read_text()
