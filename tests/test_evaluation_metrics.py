@@ -374,3 +374,34 @@ def test_reference_features_cache_is_read_when_it_matches_and_rebuilt_when_not(t
     with pytest.raises(ValueError, match="`reference_cache` needs `reference` to be a folder"):
         evaluate_generation(samples, torch.as_tensor(photos), feature_extractor=extractor, reference_cache=cache,
                             progress=False)
+
+
+def test_reference_cache_is_keyed_by_the_extractor_weights(tmp_path, photos):
+    """Two weight files under one extractor name (e.g. two Inception files) must never share cached features."""
+    from diffusers_ssreg.evaluation.features import FeatureExtractor
+    from diffusers_ssreg.evaluation.metrics import extractor_weights_fingerprint
+
+    class Projection(FeatureExtractor):
+        name = "Proj"
+
+        def __init__(self, seed):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 4 * 4, 8)
+            torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(seed))
+            torch.nn.init.zeros_(self.linear.bias)
+            self.norm = torch.nn.BatchNorm1d(8)  # a 0-dim int64 buffer too (num_batches_tracked)
+            self.scale = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+
+        def forward(self, x):
+            return {"pool": self.linear(pooled_pixels(x))}
+
+    a, same, other = Projection(0), Projection(0), Projection(1)
+    assert extractor_weights_fingerprint(a) == extractor_weights_fingerprint(same) != extractor_weights_fingerprint(other)
+    assert extractor_weights_fingerprint(CallableFeatureExtractor(pooled_pixels, name="Pool4")) is None
+    folder = tmp_path / "reference"
+    save_image_folder(photos, str(folder))
+    samples = save_npz(photos * 0.5, str(tmp_path / "samples.npz"))
+    cache = str(tmp_path / "reference.safetensors")
+    states = [evaluate_generation(samples, str(folder), feature_extractor=e, batch_size=4, progress=False,
+                                  reference_cache=cache)["settings"]["reference_cache"]["state"] for e in (a, same, other)]
+    assert states == ["written", "read", "written"]

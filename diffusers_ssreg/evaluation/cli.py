@@ -125,7 +125,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     generation.add_argument("--neighborhood", type=int, default=3, help="k of the k-NN manifolds (precision/recall).")
     generation.add_argument("--splits", type=int, default=10, help="Splits of the Inception Score.")
     generation.add_argument("--reference_cache", default=None, metavar="FILE.safetensors",
-                            help="Cache of the reference features: read when it matches (same extractor, reference files, "
+                            help="Cache of the reference features: read when it matches (same extractor and weights, reference files, "
                                  "resolution, --max_samples), else computed and written. For scoring many models "
                                  "against one reference set.")
     _add_feature_args(generation, default="inception")

@@ -271,10 +271,24 @@ def extract_features(
     return {key: torch.cat(values) for key, values in collected.items()}
 
 
+def extractor_weights_fingerprint(extractor: FeatureExtractor) -> Optional[str]:
+    """SHA-256 (16 hex digits) of an extractor's parameters and buffers, so that two weight files under one extractor
+    name (say, two Inception files) never share cached features; None when it has none (a wrapped function)."""
+    state = extractor.state_dict()
+    if not state:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes, whatever the dtype (bf16 too)
+    return digest.hexdigest()[:16]
+
+
 def reference_cache_key(reference: ImageSource, extractor: FeatureExtractor, resolution: Optional[int],
                         max_samples: Optional[int]) -> Dict[str, Any]:
-    """What a cached reference feature file must match: the extractor, the image set (a folder's file names and sizes,
-    or a file's size and modification time), the resolution and the sample cap."""
+    """What a cached reference feature file must match: the extractor and its weights, the image set (a folder's file
+    names and sizes, or a file's size and modification time), the resolution and the sample cap."""
     if not isinstance(reference, (str, os.PathLike)):
         raise ValueError(
             f"`reference_cache` needs `reference` to be a folder or an .npz/.npy file, got {type(reference).__name__}: "
@@ -293,8 +307,9 @@ def reference_cache_key(reference: ImageSource, extractor: FeatureExtractor, res
         digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}".encode())
     else:
         raise ValueError(f"`reference` {path!r} does not exist.")
-    return {"extractor": extractor.describe().get("name"), "reference": path, "fingerprint": digest.hexdigest()[:16],
-            "resolution": resolution, "max_samples": max_samples, "version": 1}  # fmt: skip
+    return {"extractor": extractor.describe().get("name"), "weights": extractor_weights_fingerprint(extractor),
+            "reference": path, "fingerprint": digest.hexdigest()[:16], "resolution": resolution,
+            "max_samples": max_samples, "version": 2}  # fmt: skip
 
 
 def cached_reference_features(cache: str, key: Dict[str, Any], compute: Callable[[], Dict[str, torch.Tensor]]):
@@ -353,7 +368,7 @@ def evaluate_generation(
         neighborhood (`int`, defaults to 3): k of the k-NN manifolds of precision/recall.
         splits (`int`, defaults to 10): splits of the Inception Score.
         reference_cache (`str`, *optional*): a `.safetensors` file for the reference features. When it exists and
-            was made from the same extractor, reference images (file names and sizes), `resolution` and
+            was made from the same extractor and weights, reference images (file names and sizes), `resolution` and
             `max_samples`, the features are read from it; otherwise they are computed and written there. For
             scoring many models against one reference set.
 
