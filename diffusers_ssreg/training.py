@@ -331,13 +331,14 @@ class NonFiniteGuard:
             )
 
 
-def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_norm: float, guard: NonFiniteGuard):
+def optimizer_step(accelerator, optimizer, lr_scheduler, parameters, max_grad_norm: Optional[float], guard: NonFiniteGuard):
     """
-    Clips gradients, steps the optimizer unless the gradient norm is NaN/inf, steps the scheduler and
-    zeroes the gradients; returns the (all-reduced) gradient norm. With a fused optimizer the skip
-    happens on the device (its `found_inf` input, as GradScaler uses it): no host sync per step.
+    Clips gradients (to `max_grad_norm`; None measures the norm without clipping, as `--max_grad_norm` documents),
+    steps the optimizer unless the gradient norm is NaN/inf, steps the scheduler and zeroes the gradients; returns
+    the (all-reduced) gradient norm. With a fused optimizer the skip happens on the device (its `found_inf` input,
+    as GradScaler uses it): no host sync per step.
     """
-    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    grad_norm = accelerator.clip_grad_norm_(parameters, math.inf if max_grad_norm is None else max_grad_norm)
     found_inf = guard.flag(grad_norm)
     inner = getattr(optimizer, "optimizer", optimizer)
     if inner.defaults.get("fused"):

@@ -244,3 +244,25 @@ def test_optimizer_step_skips_nonfinite_gradients(fused, fresh_accelerate_state)
     assert not step(float("inf"))
     with pytest.raises(FloatingPointError, match="2 non-finite steps in a row"):
         guard.raise_if_exhausted(3)
+
+
+def test_optimizer_step_without_clipping_measures_the_norm(fresh_accelerate_state):
+    """max_grad_norm=None (the documented 'no clipping'): the full step is taken and the true norm returned."""
+    from accelerate import Accelerator
+
+    from diffusers_ssreg.training import optimizer_step
+
+    accelerator = Accelerator(cpu=True)
+    results = {}
+    for clip in (None, 0.01):
+        model = torch.nn.Linear(3, 1, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        (model(torch.full((1, 3), 100.0)).sum()).backward()  # gradient (100, 100, 100): norm 173.2
+        norm = optimizer_step(accelerator, optimizer, scheduler, list(model.parameters()), clip, NonFiniteGuard(2))
+        results[clip] = (float(norm), model.weight.detach().clone())
+    assert results[None][0] == pytest.approx(173.205, rel=1e-4)
+    assert torch.allclose(results[None][1], torch.full((1, 3), -100.0))  # unclipped SGD step
+    assert results[0.01][1].norm().item() == pytest.approx(0.01, rel=1e-3)  # clipped to 0.01
