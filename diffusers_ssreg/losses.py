@@ -1,6 +1,7 @@
 """Pixel and perceptual distances, with LPIPS' offline handling."""
 
 import os
+import warnings
 
 import torch
 
@@ -33,7 +34,12 @@ def build_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> torch.nn.
     """
     lpips = _require("lpips")
     try:
-        model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
+        with warnings.catch_warnings():
+            # lpips builds its backbone with torchvision's old `pretrained=` argument; torchvision warns about that on
+            # every construction. It is lpips' call, not the user's, so the two deprecation notices are hidden here.
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+            model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
     except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise RuntimeError(

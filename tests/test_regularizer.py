@@ -570,3 +570,16 @@ def test_output_survives_accelerate_mixed_precision(photo_batch, fresh_accelerat
     assert output.reg_fraction.item() == 1.0 and output.latent_mse.item() > 0
     assert set(output.scalars()) >= {"loss", "rec_mae", "kl", "latent_mse", "reg_mae", "reg_lpips", "delta"}
     output.loss.backward()
+
+
+def test_build_lpips_hides_torchvision_deprecation_notices_of_lpips_own_call():
+    """lpips passes torchvision's deprecated `pretrained=`; users should not see that on every run."""
+    import warnings
+
+    from diffusers_ssreg.losses import build_lpips
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_lpips("alex", pretrained_backbone=False)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert not [w for w in caught if "pretrained" in str(w.message) or "weight enum" in str(w.message)]
