@@ -272,6 +272,7 @@ def apply_overrides(preset: Preset, items: Sequence[str]) -> Tuple[Preset, Dict]
         overrides[key] = value
     return dataclasses.replace(preset, **overrides), overrides
 
+
 STAGES = ("data", "base", "finetune", "eval", "cache", "dit", "sample", "score", "report")
 # The settings that make the data, the base VAE and its evaluation: two plans that agree on these can share one base
 # (--adopt_base), whatever their fine-tune, DiT or sampling settings.
