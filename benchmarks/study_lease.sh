@@ -28,6 +28,17 @@ ADOPT=${ADOPT:-}
 PACK_BASE=${PACK_BASE:-1}
 ONLY=${ONLY:-baseline/0 ssreg/0 baseline/1 ssreg/1 baseline/2 ssreg/2 baseline_scratch ssreg_scratch legendre random_a no_centering alpha_0.5}
 started=$(date +%s)
+# Are all these pids running? kill -0 alone also succeeds for a zombie, and the study's processes outlive the command
+# that started them, so their parent becomes an init that may never reap them (it does not in this sandbox).
+running() {
+    [ $# -gt 0 ] || return 1
+    local p state
+    for p in "$@"; do
+        state=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f1)
+        if [ -z "$state" ]; then kill -0 "$p" 2>/dev/null || return 1  # no /proc: the plain check
+        elif [ "$state" = Z ]; then return 1; fi
+    done
+}
 mkdir -p "$STUDY" "$OUT"
 
 if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
@@ -36,13 +47,15 @@ if [ -n "$WHEELS" ] && [ -d "$WHEELS" ]; then
 fi
 if [ "${1:-}" = start ]; then
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-    if [ -f "$STUDY/runner.pid" ] && kill -0 "$(cat "$STUDY/runner.pid")" 2>/dev/null; then
+    if [ -f "$STUDY/runner.pid" ] && running $(cat "$STUDY/runner.pid"); then
         echo "a study is already running in $STUDY (pid $(cat "$STUDY/runner.pid")): wait for it, or stop it" >&2
         exit 4
     fi
     # A later start on the same machine (more chains in the time left) appends to the logs and keeps the
     # monitors of the first: two loggers writing into one truncated file would interleave their lines.
-    if [ ! -f "$STUDY/monitors.pid" ] || ! kill -0 $(cat "$STUDY/monitors.pid") 2>/dev/null; then
+    if [ ! -f "$STUDY/monitors.pid" ] || ! running $(cat "$STUDY/monitors.pid"); then
+        # one of them died: stop the survivor too, so that the pair is started afresh rather than doubled
+        [ -f "$STUDY/monitors.pid" ] && kill $(cat "$STUDY/monitors.pid") 2>/dev/null
         monitors=()
         if command -v nvidia-smi >/dev/null; then
             nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$STUDY/gpu_info.csv"
@@ -72,7 +85,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 pid=$(cat "$STUDY/runner.pid" 2>/dev/null)
-alive() { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+alive() { [ -n "$pid" ] && running "$pid"; }
 while alive && [ $(( $(date +%s) - started )) -lt "$WAIT_S" ]; do
     sleep 5
 done

@@ -78,3 +78,23 @@ def test_unknown_command_is_refused(lease):
     call, _ = lease
     result = call("begin")
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_a_dead_monitor_restarts_the_pair_without_doubling_the_survivor(lease, tmp_path):
+    call, study = lease
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"  # a GPU logger that keeps running, as `nvidia-smi -l 15` does
+    fake.write_text('#!/bin/sh\necho "fake, 0, 0"\ncase " $* " in *" -l "*) exec sleep 600;; esac\n')
+    fake.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    assert call("start", WAIT_S="30", ONLY="baseline/0", PATH=path).returncode == 0
+    gpu, cpu = map(int, (study / "monitors.pid").read_text().split())
+    os.killpg(gpu, signal.SIGTERM)  # the GPU logger dies; the CPU loop lives on
+    time.sleep(0.5)
+    assert call("start", WAIT_S="30", ONLY="ssreg/0", PATH=path).returncode == 0
+    new = list(map(int, (study / "monitors.pid").read_text().split()))
+    assert len(new) == 2 and not {gpu, cpu} & set(new)
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(cpu, 0)  # the old CPU loop was stopped, not left running beside the new one
