@@ -36,6 +36,7 @@ from .dit import (
     OBJECTIVES,
     DiTTrainingLoss,
     build_pipeline,
+    dit_config,
     drop_class_labels,
     flow_interpolate,
     flow_pipeline_vae,
@@ -122,8 +123,6 @@ def transformer_config(
     overrides: Optional[dict] = None,
 ) -> Tuple[type, dict]:
     """`(model class, config)` of any preset: `diffusers_ssreg.dit.dit_config` for DiT-*, `lightningdit_config` else."""
-    from .dit import dit_config
-
     check_preset(preset)
     if objective not in OBJECTIVES:
         raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}.")
