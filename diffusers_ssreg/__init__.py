@@ -14,12 +14,17 @@ from .basis import (
 )
 from .blur import gaussian_blur, resolution_scale, sample_tau_pairs
 from .config import SSRegConfig
+from .models import LightningDiTTransformer2DModel
+from .pipelines import DiTFlowPipeline, LightningDiTPipeline  # also lets DiffusionPipeline.from_pretrained find them
 from .regularizer import REGULARIZER_SUBFOLDER, BranchPlan, SSRegOutput, StateSpaceRegularizer
 
 __all__ = [
     "BASES",
     "BranchPlan",
     "DISCRETIZATIONS",
+    "DiTFlowPipeline",
+    "LightningDiTPipeline",
+    "LightningDiTTransformer2DModel",
     "REGULARIZER_SUBFOLDER",
     "SSRegConfig",
     "SSRegOutput",
