@@ -154,7 +154,7 @@ def test_report_holds_the_measured_numbers(study):
         assert 0 <= unit["latent/coherence"] <= 1 and unit["latent/channel_std_cv"] >= 0
         assert math.isfinite(unit["latent/psd_slope"]) and unit["latent/unmask_max_step"] > 0
         assert unit["train/kl"] > 0 and unit["train/step"] == 4 and unit["dit/loss"] > 0
-        assert unit["cache/num_samples"] == 96  # 48 crops and their flips
+        assert unit["cache/num_samples"] == 48  # the training crops (each cached with its flipped copy)
         assert unit["sample/num_images"] == 16 and unit["gen_train/num_reference"] == 16
         for reference in ("heldout", "train"):
             assert 0 <= unit[f"gen_{reference}/precision-EffNetLite0"] <= 1
@@ -267,6 +267,11 @@ def test_gpu_jobs_take_one_gpu_unit_and_a_slot(photos, tmp_path):
 
 def test_the_same_workflow_dry_runs_on_slurm(photos, tmp_path):
     """`--profile profiles/slurm`: the SLURM executor plugin (the study extra) submits GPU jobs with gpu=1."""
+    import importlib.util
+
+    assert importlib.util.find_spec("snakemake_executor_plugin_slurm"), (
+        "snakemake-executor-plugin-slurm is not installed: pip install -e '.[study]'"
+    )
     _, output = snakemake(tmp_path, "--profile", os.path.join(STUDY, "profiles", "slurm"), "-n",
                           config=os.path.join(CONFIGS, "full.yaml"), photos=photos)  # fmt: skip
     assert job_counts(output)["finetune"] == 12
