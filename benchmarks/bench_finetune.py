@@ -13,9 +13,8 @@ model FLOP utilization and the ratios b/a and b/c as JSON and a markdown table.
     python benchmarks/bench_finetune.py --device cuda --config flux --batch_size 32 --resolution 256 --compile
     python benchmarks/bench_finetune.py --device cpu --config tiny --steps 2     # what the test suite runs
 
-LPIPS' ImageNet backbone cannot be downloaded on the machines this was measured on, so the LPIPS
-module gets a random VGG backbone (`--lpips_pretrained_backbone` to use the real one): the compute
-is identical.
+The LPIPS module gets a random VGG backbone by default, so the benchmark runs offline
+(`--lpips_pretrained_backbone` to use the ImageNet one): the compute is identical.
 """
 
 import argparse

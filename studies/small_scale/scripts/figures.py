@@ -1,13 +1,11 @@
 #!/usr/bin/env python
 """
-Comparison figures of a small-scale study (benchmarks/small_scale_study.py): the arms side by side.
+Comparison figures of a small-scale study (studies/small_scale/Snakefile): the arms side by side.
 
-    python benchmarks/study_figures.py outputs/study --output_dir docs/figures/study
-    python benchmarks/study_figures.py study_results.tar.gz --output_dir figures    # a --pack_dir archive
+    python studies/small_scale/scripts/figures.py STUDY --output_dir STUDY/figures
 
-STUDY is a study folder (the one holding `arms/`, `base/`, `study_results.json`) or the
-`study_results.tar.gz` that `--pack_dir` writes (extracted to a temporary folder). The figures read
-only small result files:
+STUDY is a study folder (the config's `study_dir`: the one holding `arms/`, `base/`, `study_config.json`). The
+workflow runs this last (rule `figures`). The figures read only small result files:
 
     base/eval/results.json, arms/<arm>/seed<k>/eval/results.json   (ssreg-eval compare: latent analyses)
     arms/<arm>/seed<k>/finetune/logs/train_metrics.jsonl           (fine-tune log, one JSON per logged step)
@@ -33,8 +31,6 @@ import math
 import os
 import re
 import sys
-import tarfile
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -69,7 +65,7 @@ class Run:
 
     label: str  # arm name, or "base"
     seed: Optional[int]
-    init: Optional[str] = None  # the plan's arm init: "base" (fine-tune of the base VAE) or "scratch"
+    init: Optional[str] = None  # the config's arm init: "base" (fine-tune of the base VAE) or "scratch"
     latent: Optional[dict] = None  # results.json -> models -> <model> -> latent
     train_log: List[dict] = field(default_factory=list)  # finetune/logs/train_metrics.jsonl
     samples: Optional[str] = None  # dit/samples/final.png
@@ -90,10 +86,6 @@ def read_latent(path: str, where: str) -> Optional[dict]:
     if not os.path.isfile(path):
         say(f"  skip {where}: no eval/results.json")
         return None
-    if not os.path.isfile(os.path.join(os.path.dirname(path), "done.json")):
-        # as in the study's tables: only finished units count (a unit cut short may have written a partial result)
-        say(f"  skip {where}: eval/done.json is missing (the unit did not finish)")
-        return None
     try:
         models = read_json(path)["models"]
         latent = next(iter(models.values()))["latent"]
@@ -107,8 +99,9 @@ def read_train_log(path: str, where: str) -> List[dict]:
     if not os.path.isfile(path):
         say(f"  skip {where}: no finetune/logs/train_metrics.jsonl")
         return []
-    if not os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(path)), "done.json")):
-        say(f"  skip {where}: finetune/done.json is missing (the run did not finish)")
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(path)), "README.md")):
+        # as in the study's tables: only finished runs count (the model card is the last file a run writes)
+        say(f"  skip {where}: finetune/README.md is missing (the run did not finish)")
         return []
     rows = []
     with open(path) as f:
@@ -127,37 +120,34 @@ def read_train_log(path: str, where: str) -> List[dict]:
     return rows
 
 
-def read_plan_arms(root: str) -> Dict[str, dict]:
-    """The plan's arms in its order, {arm: {"init": "base" | "scratch", ...}} (plan.json, else study_results.json)."""
-    for name in ("plan.json", "study_results.json"):
-        try:
-            arms = read_json(os.path.join(root, name))["plan"]["arms"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(arms, dict):
-            return {arm: info if isinstance(info, dict) else {} for arm, info in arms.items()}
-    return {}
+def read_config_arms(root: str) -> Dict[str, dict]:
+    """The config's arms in its order, {arm: {"init": "base" | "scratch", ...}} (from study_config.json)."""
+    try:
+        arms = read_json(os.path.join(root, "study_config.json"))["arms"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {arm: info if isinstance(info, dict) else {} for arm, info in arms.items()} if isinstance(arms, dict) else {}
 
 
 def arm_order(planned: List[str], found: List[str]) -> List[str]:
-    """The plan's arm order, then any other arm folder, alphabetically."""
+    """The config's arm order, then any other arm folder, alphabetically."""
     for arm in planned:
         if arm not in found:
-            say(f"  skip arm {arm}: in the plan but no arms/{arm}/ folder (not run)")
+            say(f"  skip arm {arm}: in the config but no arms/{arm}/ folder (not run)")
     return [a for a in planned if a in found] + sorted(a for a in found if a not in planned)
 
 
-def load_study(root: str, source: Optional[str] = None) -> Dict[str, List[Run]]:
+def load_study(root: str) -> Dict[str, List[Run]]:
     """{label: [Run per seed, by seed]}, the base first (label "base", one run) when it was evaluated."""
-    say(f"reading {root}" + (f" (extracted from {source})" if source else ""))
+    say(f"reading {root}")
     runs: Dict[str, List[Run]] = {}
     base_latent = read_latent(os.path.join(root, "base", "eval", "results.json"), "base")
     if base_latent is not None:
         runs[BASE] = [Run(BASE, None, latent=base_latent)]
     arms_dir = os.path.join(root, "arms")
     found = sorted(d for d in os.listdir(arms_dir) if os.path.isdir(os.path.join(arms_dir, d))) if os.path.isdir(arms_dir) else []
-    plan_arms = read_plan_arms(root)
-    for arm in arm_order(list(plan_arms), found):
+    config_arms = read_config_arms(root)
+    for arm in arm_order(list(config_arms), found):
         seeds = []
         for name in os.listdir(os.path.join(arms_dir, arm)):
             match = re.fullmatch(r"seed(\d+)", name)
@@ -170,7 +160,7 @@ def load_study(root: str, source: Optional[str] = None) -> Dict[str, List[Run]]:
             folder = os.path.join(arms_dir, arm, f"seed{seed}")
             where = f"{arm}/seed{seed}"
             samples = os.path.join(folder, "dit", "samples", "final.png")
-            run = Run(arm, seed, init=plan_arms.get(arm, {}).get("init"),
+            run = Run(arm, seed, init=config_arms.get(arm, {}).get("init"),
                       latent=read_latent(os.path.join(folder, "eval", "results.json"), where),
                       train_log=read_train_log(os.path.join(folder, "finetune", "logs", "train_metrics.jsonl"), where),
                       samples=samples if os.path.isfile(samples) else None)  # fmt: skip
@@ -178,31 +168,6 @@ def load_study(root: str, source: Optional[str] = None) -> Dict[str, List[Run]]:
                 say(f"  skip {where}: no dit/samples/final.png")
             runs.setdefault(arm, []).append(run)
     return runs
-
-
-def find_study_root(folder: str) -> Optional[str]:
-    """`folder` if it looks like a study (arms/, base/ or study_results.json inside), else its only subfolder that does."""
-    def is_study(path):
-        return any(os.path.exists(os.path.join(path, n)) for n in ("arms", "base", "study_results.json"))
-
-    if is_study(folder):
-        return folder
-    subfolders = [os.path.join(folder, d) for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))]
-    if len(subfolders) == 1 and is_study(subfolders[0]):
-        return subfolders[0]
-    return None
-
-
-def extract(archive_path: str, into: str) -> None:
-    with tarfile.open(archive_path) as archive:
-        try:
-            archive.extractall(into, filter="data")  # refuses absolute paths, links out of the folder, devices
-        except TypeError:  # a Python without extraction filters
-            for member in archive.getmembers():
-                target = os.path.realpath(os.path.join(into, member.name))
-                if not target.startswith(os.path.realpath(into) + os.sep) or not (member.isfile() or member.isdir()):
-                    raise tarfile.TarError(f"unsafe member {member.name!r}")
-            archive.extractall(into)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,9 +556,9 @@ FIGURES = {
 }
 
 
-def make_figures(root: str, output_dir: str, source: Optional[str] = None) -> List[str]:
-    """Draws every figure it can from the study folder `root` (extracted from `source`, if given) into `output_dir`."""
-    runs = load_study(root, source)
+def make_figures(root: str, output_dir: str) -> List[str]:
+    """Draws every figure it can from the study folder `root` into `output_dir`."""
+    runs = load_study(root)
     if not runs:
         return []
     labels = ", ".join(f"{label} ({len(r)})" if label != BASE else label for label, r in runs.items())
@@ -615,35 +580,22 @@ def make_figures(root: str, output_dir: str, source: Optional[str] = None) -> Li
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("study", metavar="STUDY", help="a study folder, or the study_results.tar.gz written by --pack_dir")
+    parser.add_argument("study", metavar="STUDY", help="a study folder (the config's study_dir)")
     parser.add_argument("--output_dir", required=True, help="where the PNG figures go (created)")
     args = parser.parse_args(argv)
-    if not os.path.exists(args.study):
-        parser.error(f"argument STUDY: {args.study!r} does not exist")
-    if os.path.isfile(args.study) and not tarfile.is_tarfile(args.study):
-        parser.error(f"argument STUDY: {args.study!r} is a file but not a tar archive (give a study folder or study_results.tar.gz)")
-    return parser, args
+    if not os.path.isdir(args.study) or not any(os.path.exists(os.path.join(args.study, n)) for n in ("arms", "base")):
+        parser.error(f"argument STUDY: {args.study!r} is not a study folder (no arms/ or base/ in it)")
+    return args
 
 
 def main(argv=None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    parser, args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="study_figures_") as scratch:
-        folder = args.study
-        if os.path.isfile(args.study):
-            try:
-                extract(args.study, scratch)
-            except (tarfile.TarError, OSError, EOFError) as error:
-                parser.error(f"argument STUDY: {args.study!r} could not be extracted: {error}")
-            folder = scratch
-        root = find_study_root(folder)
-        if root is None:
-            parser.error(f"argument STUDY: {args.study!r} is not a study: no arms/, base/ or study_results.json in it")
-        written = make_figures(root, args.output_dir, source=args.study if folder == scratch else None)
+    args = parse_args(argv)
+    written = make_figures(args.study, args.output_dir)
     if not written:
-        print(f"study_figures.py: error: no figure could be drawn from STUDY {args.study!r} (no results found)", file=sys.stderr)
+        print(f"figures.py: error: no figure could be drawn from STUDY {args.study!r} (no results found)", file=sys.stderr)
         return 1
     missing = [n for n in FIGURE_NAMES if os.path.join(args.output_dir, n) not in written]
     say(f"{len(written)} figure(s) in {args.output_dir}" + (f"; not drawn: {', '.join(missing)}" if missing else ""))
