@@ -47,7 +47,12 @@ from .models.transformer_lightningdit import (
     LightningDiTTransformer2DModel,
     lightningdit_forward_flops,
 )
-from .pipelines.pipeline_lightningdit import GUIDANCE_INTERVAL, NUM_INFERENCE_STEPS, TIMESTEP_SHIFT, LightningDiTPipeline
+from .pipelines.pipeline_lightningdit import (
+    GUIDANCE_INTERVAL,
+    NUM_INFERENCE_STEPS,
+    TIMESTEP_SHIFT,
+    LightningDiTPipeline,
+)
 
 
 # --------------------------------------------------------------------------------------------

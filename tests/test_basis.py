@@ -267,7 +267,7 @@ def test_unknown_basis_raises():
 
 
 # --------------------------------------------------------------------------------------------
-# Physics check (METHOD.md section 2): circular blur of a real photo in the DFT domain
+# Physics check (docs/method.md, "The transition matrix"): circular blur of a real photo in the DFT domain
 # --------------------------------------------------------------------------------------------
 
 

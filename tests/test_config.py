@@ -11,7 +11,7 @@ from diffusers_ssreg.config import CONFIG_NAME
 
 
 def test_defaults_are_the_paper_flux_setting():
-    """Tables 2-3 and A.5 (Flux VAE); METHOD.md sections 2-6."""
+    """Tables 2-3 and A.5 (Flux VAE); docs/method.md."""
     cfg = SSRegConfig()
     expected = {
         "basis": "fourier",

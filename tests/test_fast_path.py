@@ -1,4 +1,4 @@
-"""The fused, static-shape training step against a plain per-sample reference (issue 6), and the benchmark's CPU mode."""
+"""The fused, static-shape training step against a plain per-sample reference, and the benchmark's CPU mode."""
 
 import math
 import os
@@ -16,7 +16,7 @@ from diffusers_ssreg.blur import gaussian_blur
 
 def reference_loss(regularizer, pixel_values, plan):
     """
-    The loss of METHOD.md section 5-6 written the plain way: one sample at a time, its own encoder
+    The loss of the paper (eqs. 22-24, A.5; docs/method.md) written the plain way: one sample at a time, its own encoder
     and decoder passes, the branch chosen with an `if`, the EMA target on its own blurred image.
     Posterior sampling is the caller's business (the test makes it deterministic).
     """

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
