@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+# IMAGE_EXTENSIONS is re-exported here: the one list of the extensions read lives in `images`.
 from .images import IMAGE_EXTENSIONS, WHITE, ResizeShortSide, describe_item, open_image, resize_short_side, scan_images
 from .utils import require
 
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["IMAGE_EXTENSIONS"]  # re-exported: the one list of extensions lives in `images`
 
 # Colour and grayscale photographs bundled inside scikit-image (no download), used by the offline
 # demo. The last two are held out for validation.
@@ -47,8 +46,8 @@ def find_images(root: str, recursive: bool = True, name: Optional[str] = None, l
     (e.g. `"--train_data_dir"`) goes into the error messages.
     """
     scan = scan_images(root, recursive=recursive, name=name)
-    if log_summary:
-        logger.info(scan.summary())
+    if log_summary:  # a warning when something was left out or only its first frame is used: seen without INFO logs
+        logger.log(logging.WARNING if scan.skipped or scan.animated else logging.INFO, scan.summary())
     return scan.files
 
 
