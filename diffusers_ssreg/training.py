@@ -110,8 +110,8 @@ def check_training_arguments(args, positive=(), optional_positive=()) -> None:
 def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
     """
     The `Accelerator` of a training script from the shared flags (diffusers' example-script setup):
-    logging, tracker and project folders, a seedable sampler, device-specific seeds (each rank draws
-    its own noise) and TF32 when asked. With `--push_to_hub` the Hub repository is created now, before
+    logging, tracker and project folders, a seedable sampler with one data order for all ranks, device-specific
+    seeds (each rank draws its own noise) and TF32 when asked. With `--push_to_hub` the Hub repository is created now, before
     any work (as diffusers' scripts do). `dynamo_backend` compiles the prepared model through Accelerate;
     `dataloader_options` go to `DataLoaderConfiguration`. Returns `(accelerator, logging_dir)`.
     """
@@ -125,7 +125,9 @@ def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, **dataloader_options),
+        # One data order for every process, seeded by --seed: the seedable sampler would otherwise take each
+        # process's own (device-specific) seed, and the processes would shard different permutations.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, **dataloader_options),
         dynamo_backend=dynamo_backend,
     )
     logger.info("%s", accelerator.state)

@@ -377,3 +377,26 @@ def test_loop_resumes_gradient_accumulation_at_the_right_batch(tmp_path):
     assert [m["step"] for m in resumed_logs] == list(range(1, 9))  # each step once
     assert [m["lr"] for m in resumed_logs] == [m["lr"] for m in logs]
     assert torch.equal(model.weight, resumed_model.weight) and torch.equal(model.bias, resumed_model.bias)
+
+
+def test_every_process_shards_one_data_order(fresh_accelerate_state):
+    """The ranks' seeds differ (device-specific), but the epoch's order must not: else ranks shard different permutations."""
+    import argparse
+    import itertools
+
+    from accelerate.state import AcceleratorState
+
+    from diffusers_ssreg.training import add_training_arguments, setup_accelerator
+
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser)
+    args = parser.parse_args(["--seed", "3", "--report_to", "none"])
+    orders = []
+    for process_seed in (3, 4):  # what set_seed(3, device_specific=True) gives ranks 0 and 1
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator, _ = setup_accelerator(args)
+        torch.manual_seed(process_seed)
+        loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(20)), batch_size=4, shuffle=True))
+        loader.set_epoch(1)
+        orders.append([int(i) for i in itertools.chain(*loader)])
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(20))
