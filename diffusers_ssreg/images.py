@@ -131,7 +131,11 @@ def to_rgb(image: Image.Image, background=WHITE) -> Image.Image:
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
         unit = _integer_to_unit(image, bits, sample_format) if mode != "F" else _float_to_unit(image)
         gray = np.round(unit * 255.0).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+        transparent = image.info.get("transparency")  # a 16-bit PNG's transparent gray level (tRNS)
+        if isinstance(transparent, int) and mode != "F":
+            rgb[np.asarray(image) == transparent] = background
+        return Image.fromarray(rgb)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode == "La":

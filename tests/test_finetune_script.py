@@ -307,9 +307,12 @@ def test_help_shows_real_defaults_and_renamed_flags_still_work(capsys):
         assert shown in options.split(f"{flag} {flag[2:].upper()}", 1)[1].split(" --", 1)[0], flag
     assert "The demo changes these defaults: --resolution 64, --train_batch_size 8" in text
     assert "--subfolder" not in text and "--use_torch_compile" not in text  # hidden aliases
-    with pytest.warns(FutureWarning, match="--subfolder is now called --vae_subfolder"):
+    with pytest.warns(FutureWarning) as warned:
         args = finetune_vae.parse_args(["--subfolder", "vae", "--use_torch_compile"])
     assert args.vae_subfolder == "vae" and args.compile is True
+    assert sorted(str(w.message).split(";")[0] for w in warned) == [
+        "--subfolder is now called --vae_subfolder", "--use_torch_compile is now called --compile"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,10 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path, suffix, dtype):
     for channel in range(3):
         np.testing.assert_array_equal(pixels(rgb)[..., channel], expected)
     assert (pixels(rgb) == 255).mean() < 0.01  # Pillow's own convert("L") saturates 99.6 % of this ramp
+    if suffix == ".png":  # a transparent gray level (tRNS) shows the background
+        Image.fromarray(ramp).save(tmp_path / "keyed.png", transparency=int(ramp[0, 5]))
+        keyed = pixels(images.open_image(str(tmp_path / "keyed.png"), background=(0, 255, 0)))
+        assert keyed[0, 5].tolist() == [0, 255, 0] and keyed[0, 6].tolist() == [expected[0, 6]] * 3
 
 
 def test_thirty_two_bit_integer_and_float_images(tmp_path):
