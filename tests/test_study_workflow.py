@@ -246,7 +246,7 @@ def test_any_flags_make_an_arm_and_the_dit_preset_is_config(photos, tmp_path):
         assert expected in finetune, (expected, finetune)
     assert "--left_out" not in finetune
     dit = next(line for line in output.splitlines() if "train_dit.py" in line)
-    assert "--preset LightningDiT-B/2" in dit and "--cache_dir study/arms/eqvae/seed3/cache" in dit
+    assert "--preset LightningDiT-B/2" in dit and "--latents_dir study/arms/eqvae/seed3/cache" in dit
 
 
 def test_gpu_jobs_take_one_gpu_unit_and_a_slot(photos, tmp_path):
