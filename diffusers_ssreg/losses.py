@@ -23,14 +23,17 @@ def _require(module: str, extra: str = "train"):
         ) from error
 
 
-def build_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> torch.nn.Module:
+TRAINING_WITHOUT_LPIPS = "train without LPIPS (lambda_lpips=0 / --ssreg_lambda_lpips 0)"
+
+
+def build_lpips(net: str = "vgg", pretrained_backbone: bool = True, how_to_skip: str = TRAINING_WITHOUT_LPIPS) -> torch.nn.Module:
     """
     A frozen `lpips.LPIPS` module in eval mode (Zhang et al. 2018).
 
     The calibrated linear heads ship with the `lpips` package; the ImageNet backbone comes from
     torchvision's download cache. When it can't be fetched (offline), this raises a `RuntimeError`
-    saying where to put the file. `pretrained_backbone=False` builds a random backbone: only
-    for offline tests, never for a real training run.
+    saying where to put the file, or `how_to_skip` LPIPS (the caller's own flag). `pretrained_backbone=False`
+    builds a random backbone: only for offline tests, never for a real training run.
     """
     lpips = _require("lpips")
     try:
@@ -45,8 +48,7 @@ def build_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> torch.nn.
         raise RuntimeError(
             f"LPIPS could not load the ImageNet weights of its '{net}' backbone ({error}). Without internet, "
             f"download {_BACKBONE_FILES.get(net, net)} from torchvision's model zoo on a connected machine and put "
-            f"it in {cache} (set $TORCH_HOME to use another cache), or train without LPIPS "
-            f"(lambda_lpips=0 / --ssreg_lambda_lpips 0)."
+            f"it in {cache} (set $TORCH_HOME to use another cache), or {how_to_skip}."
         ) from error
     model.eval()
     model.requires_grad_(False)

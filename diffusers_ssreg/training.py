@@ -1,25 +1,35 @@
-"""What the example scripts share: the paper's LR schedule, atomic checkpoints, resume, the NaN guard.
+"""What the example scripts share: flags, the LR schedule, atomic checkpoints, resume, the NaN guard, and
+the training loop itself (`TrainingLoop`).
 
 Written against Accelerate's `save_state`/`load_state` and diffusers' conventions
 (`checkpoint-<step>` folders, `--resume_from_checkpoint latest`, `--checkpoints_total_limit`).
+
+The learning rate is a function of the optimizer step alone (the number of optimizer updates taken,
+the same on every process), and the data position is counted in samples: a checkpoint resumes on any
+number of processes with the schedule it was on (docs/finetune.md says exactly what carries over).
 """
 
 import argparse
 import json
 import logging
-import os
 import math
+import os
 import re
 import shutil
-from typing import List, Optional
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from .utils import HelpFormatter, add_deprecated_alias  # noqa: F401  (the scripts' flag helpers, re-exported)
 
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_NAME = "training_state.json"
+METRICS_LOG_NAME = "train_metrics.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,34 +41,36 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
     """Adds the optimization, logging, checkpoint and Hub flags; `defaults` overrides their defaults per script."""
     group = parser.add_argument_group("training (shared by the example scripts)")
     add = group.add_argument
-    add("--output_dir", type=str, default="output")
-    add("--seed", type=int, default=0)
+    add("--output_dir", type=str, default="output", help="Where checkpoints, logs and the trained model go.")
+    add("--seed", type=int, default=0, help="Seeds data order, augmentation and the model's random draws.")
     add("--train_batch_size", type=int, default=32, help="Per-device batch size.")
-    add("--max_train_steps", type=int, default=None)
-    add("--gradient_accumulation_steps", type=int, default=1)
-    add("--gradient_checkpointing", action="store_true")
-    add("--learning_rate", type=float, default=1e-4)
-    add("--adam_beta1", type=float, default=0.9)
-    add("--adam_beta2", type=float, default=0.999)
-    add("--adam_weight_decay", type=float, default=0.0)
-    add("--adam_epsilon", type=float, default=1e-8)
-    add("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (None: no clipping).")
+    add("--max_train_steps", type=int, default=None, help="Optimizer steps to train.")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    add("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward to save memory.")
+    add("--learning_rate", type=float, default=1e-4, help="Base learning rate.")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW's beta1.")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW's beta2.")
+    add("--adam_weight_decay", type=float, default=0.0, help="AdamW's decoupled weight decay.")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon.")
+    add("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (default: no clipping).")
     add("--max_nonfinite_steps", type=int, default=5, help="Stop after this many NaN/inf steps in a row.")
-    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    add("--allow_tf32", action="store_true")
-    add("--dataloader_num_workers", type=int, default=0)
+    add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+        help="Autocast precision (default: Accelerate's configuration).")  # fmt: skip
+    add("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per device.")
     add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
-    add("--logging_dir", type=str, default="logs")
+    add("--logging_dir", type=str, default="logs", help="Tracker and train_metrics.jsonl folder, inside --output_dir.")
     add("--logging_steps", type=int, default=10, help="Read losses back from the device every N steps.")
     add("--validation_steps", type=int, default=None, help="Validate every N steps (default: 10 times a run).")
-    add("--num_validation_images", type=int, default=8)
-    add("--checkpointing_steps", type=int, default=500)
-    add("--checkpoints_total_limit", type=int, default=None)
+    add("--num_validation_images", type=int, default=8, help="Images in the validation grid.")
+    add("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints (default: all).")
     add("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
-    add("--push_to_hub", action="store_true")
-    add("--hub_model_id", type=str, default=None, help="Default: the output folder's name.")
-    add("--hub_token", type=str, default=None)
-    add("--hub_private", action="store_true")
+    add("--push_to_hub", action="store_true",
+        help="Upload the result (no checkpoints or logs); the Hub repo is created before training.")  # fmt: skip
+    add("--hub_model_id", type=str, default=None, help="Hub repo id (default: the output folder's name).")
+    add("--hub_token", type=str, default=None, help="Hub token (default: the one `hf auth login` stored).")
+    add("--hub_private", action="store_true", help="Create the Hub repo private.")
     unknown = set(defaults) - {a.dest for a in group._group_actions}
     if unknown:
         raise ValueError(f"no shared training flags named {sorted(unknown)}")
@@ -66,7 +78,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
 
 
 def check_training_arguments(args, positive=(), optional_positive=()) -> None:
-    """Cross-argument checks of the shared flags (plus the script's own `positive` ones): ValueError before any work."""
+    """
+    Cross-argument checks of the shared flags (plus the script's own `positive` ones): ValueError before
+    any work. `--resume_from_checkpoint` must name a complete checkpoint folder (or be `latest`), and
+    `--push_to_hub` needs the Hub not to be in offline mode.
+    """
     for name in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
                  "num_validation_images", "max_nonfinite_steps", *positive):  # fmt: skip
         if getattr(args, name) < 1:
@@ -78,17 +94,25 @@ def check_training_arguments(args, positive=(), optional_positive=()) -> None:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
     if args.max_grad_norm is not None and not args.max_grad_norm > 0:
         raise ValueError(f"--max_grad_norm must be positive, got {args.max_grad_norm}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)  # a missing folder fails here
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise ValueError("--hub_token with --report_to wandb would expose the token: use `huggingface-cli login`.")
+        raise ValueError("--hub_token with --report_to wandb would expose the token: use `hf auth login`.")
+    if args.push_to_hub:
+        from .hub import check_not_offline
+
+        check_not_offline(folder=args.output_dir, repo_id=args.hub_model_id)
 
 
 def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
     """
     The `Accelerator` of a training script from the shared flags (diffusers' example-script setup):
-    logging, tracker and project folders, a seedable sampler, device-specific seeds (each rank draws
-    its own noise) and TF32 when asked. `dynamo_backend` compiles the prepared model through Accelerate;
+    logging, tracker and project folders, a seedable sampler with one data order for all ranks, device-specific
+    seeds (each rank draws its own noise) and TF32 when asked. With `--push_to_hub` the Hub repository is created now, before
+    any work (as diffusers' scripts do). `dynamo_backend` compiles the prepared model through Accelerate;
     `dataloader_options` go to `DataLoaderConfiguration`. Returns `(accelerator, logging_dir)`.
     """
     from accelerate import Accelerator
@@ -101,7 +125,9 @@ def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, **dataloader_options),
+        # One data order for every process, seeded by --seed: the seedable sampler would otherwise take each
+        # process's own (device-specific) seed, and the processes would shard different permutations.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, **dataloader_options),
         dynamo_backend=dynamo_backend,
     )
     logger.info("%s", accelerator.state)
@@ -109,11 +135,15 @@ def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if args.push_to_hub and accelerator.is_main_process:
+        from .hub import create_hub_repo
+
+        args.hub_model_id = create_hub_repo(args.hub_model_id, args.hub_token, args.hub_private, folder=args.output_dir)
     return accelerator, logging_dir
 
 
 # --------------------------------------------------------------------------------------------
-# Learning-rate schedule (Table 2, A.5)
+# Learning-rate schedule (Table 2, A.5): a function of the optimizer step
 # --------------------------------------------------------------------------------------------
 
 
@@ -149,6 +179,21 @@ def get_paper_scheduler(optimizer: torch.optim.Optimizer, num_training_steps: in
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: paper_lr_factor(step, num_training_steps, base_lr, **kwargs)
     )
+
+
+def set_scheduler_step(lr_scheduler, step: int) -> None:
+    """
+    Puts a `LambdaLR` (`get_paper_scheduler`, every diffusers `get_scheduler` schedule) at optimizer step
+    `step`, learning rates included. On resume the schedule is set from the checkpoint's global step, never
+    from a restored scheduler counter (which counts in whatever unit the saving run stepped it).
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # an AcceleratedScheduler's inner one
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"expected a LambdaLR (the LR as a function of the step), got {type(scheduler).__name__}.")
+    values = [base_lr * factor(step) for factor, base_lr in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, value in zip(scheduler.optimizer.param_groups, values):
+        group["lr"] = value
+    scheduler.last_epoch, scheduler._step_count, scheduler._last_lr = step, step + 1, values
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,31 +280,6 @@ def _fsync_tree(root: str) -> None:
                 os.fsync(f.fileno())
 
 
-def log_metrics(accelerator, logging_dir: str, step: int, metrics: dict) -> None:
-    """`accelerator.log` under `train/`, plus a plain-text copy in `logging_dir/train_metrics.jsonl` (any tracker, or none)."""
-    accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
-    if accelerator.is_main_process:
-        os.makedirs(logging_dir, exist_ok=True)
-        with open(os.path.join(logging_dir, "train_metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def resume_training(accelerator, output_dir: str, resume_from_checkpoint, updates_per_epoch: int, accumulation_steps: int):
-    """
-    Loads the checkpoint named by `--resume_from_checkpoint` (`"latest"` or a path; nothing for None or
-    an empty folder) and returns `(global_step, first_epoch, batches_to_skip)` for the training loop.
-    """
-    checkpoint = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
-    if resume_from_checkpoint and checkpoint is None:
-        logger.info("No checkpoint found in the output folder: starting a new run.")
-    if checkpoint is None:
-        return 0, 0, 0
-    logger.info("Resuming from %s", checkpoint)
-    accelerator.load_state(checkpoint)
-    global_step = read_training_state(checkpoint)["global_step"]
-    return global_step, global_step // updates_per_epoch, (global_step % updates_per_epoch) * accumulation_steps
-
-
 def read_training_state(checkpoint: str) -> dict:
     """The `training_state.json` of a checkpoint (at least `global_step`)."""
     path = os.path.join(checkpoint, TRAINING_STATE_NAME)
@@ -267,6 +287,36 @@ def read_training_state(checkpoint: str) -> dict:
         with open(path) as f:
             return json.load(f)
     return {"global_step": checkpoint_step(checkpoint)}
+
+
+def log_metrics(accelerator, logging_dir: str, step: int, metrics: dict) -> None:
+    """`accelerator.log` under `train/`, plus a plain-text copy in `logging_dir/train_metrics.jsonl` (any tracker, or none)."""
+    accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        os.makedirs(logging_dir, exist_ok=True)
+        with open(os.path.join(logging_dir, METRICS_LOG_NAME), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def truncate_metrics_log(logging_dir: str, step: int) -> None:
+    """Drops the `train_metrics.jsonl` entries after `step` (a resumed run logs those steps again): each step once."""
+    path = os.path.join(logging_dir, METRICS_LOG_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash mid-write
+            continue
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        logger.info("Resuming at step %d: dropped %d later entries of %s.", step, len(lines) - len(kept), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,3 +406,317 @@ def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP/FSDP and `torch.compile` wrappers."""
     model = accelerator.unwrap_model(model)
     return getattr(model, "_orig_mod", model)
+
+
+# --------------------------------------------------------------------------------------------
+# Data position: counted in samples, so that it survives a change of process count
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataPosition:
+    """
+    Where a run is in its data: the epoch, and the samples of that epoch already trained on by all
+    processes together. With Accelerate's seedable sampler the epoch's sample order is one permutation,
+    whatever the number of processes, and every micro-batch consumes the next `batch_size * num_processes`
+    samples of it; so the position in samples means the same on any number of processes.
+    """
+
+    epoch: int = 0
+    epoch_samples: int = 0
+
+    def batches_to_skip(self, batches_per_epoch: int, samples_per_batch: int) -> Tuple[int, int, int]:
+        """
+        `(epoch, micro-batches to skip, samples that fall short of a whole micro-batch)` for a run whose
+        micro-batches take `samples_per_batch` samples (all processes) and whose epochs hold
+        `batches_per_epoch` of them. Samples short of a whole micro-batch are trained on again.
+        """
+        skip, remainder = divmod(self.epoch_samples, samples_per_batch)
+        if skip >= batches_per_epoch:  # the saving run had finished this epoch (or what is left is not a batch)
+            return self.epoch + 1, 0, 0
+        return self.epoch, skip, remainder
+
+
+def resume_position(
+    state: dict, batches_per_epoch: int, samples_per_batch: int, accumulation_steps: int
+) -> Tuple[int, int, int]:
+    """
+    `(epoch, micro-batches to skip, samples short of a whole batch)` to resume at from a checkpoint's
+    `training_state.json`. Checkpoints without a recorded position (older ones) are taken to have been
+    saved with the current process count and batch size, as they could only be resumed before.
+    """
+    if "epoch" in state and "epoch_samples" in state:
+        position = DataPosition(state["epoch"], state["epoch_samples"])
+        return position.batches_to_skip(batches_per_epoch, samples_per_batch)
+    # The loop makes ceil(batches / accumulation) updates an epoch: the last one takes what is left.
+    updates_per_epoch = math.ceil(batches_per_epoch / accumulation_steps)
+    step = state["global_step"]
+    return step // updates_per_epoch, (step % updates_per_epoch) * accumulation_steps, 0
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop both scripts share
+# --------------------------------------------------------------------------------------------
+
+
+StepFunction = Callable[[dict], Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]]
+
+
+class TrainingLoop:
+    r"""
+    The training loop of the example scripts: resume, skipping to the data position, gradient
+    accumulation, the NaN guard, logging, checkpoint and validation cadence, Ctrl-C, the final checkpoint,
+    then the atomic export, the model card and the push. A script passes what is its own as functions.
+
+    The learning rate is a function of the optimizer step: pass the scheduler unprepared (not through
+    `accelerator.prepare`, which would step it once per process) and step it once per update
+    (`optimizer_step` does). On resume it is set from the checkpoint's global step (`set_scheduler_step`).
+
+    Args:
+        accelerator (`accelerate.Accelerator`): from `setup_accelerator`.
+        args (`argparse.Namespace`): the shared flags (`add_training_arguments`), `max_train_steps` set.
+        train_dataloader: the prepared training DataLoader.
+        lr_scheduler (`torch.optim.lr_scheduler.LambdaLR`): the unprepared scheduler.
+        step (`Callable`): one micro-batch, `step(batch) -> (scalars, grad_norm)`: forward and backward under
+            `accelerator.accumulate`, and on the last micro-batch of an update (`accelerator.sync_gradients`)
+            `optimizer_step`. `scalars` is a dict of detached device tensors to log (their mean over the
+            logging window), `grad_norm` the update's gradient norm or None. No host sync needed.
+        logging_dir (`str`): where `train_metrics.jsonl` goes.
+        after_update (`Callable[[int], None]`, *optional*): after every optimizer update, with the new step (the EMA).
+        validate (`Callable[[int], None]`, *optional*): on the main process every `--validation_steps` before the
+            last step (the script validates the final model itself), and at step 1 with `validate_first_step`.
+        on_epoch (`Callable[[int], None]`, *optional*): at the start of every epoch (e.g. `dataset.set_epoch`).
+        tracker_name (`str`, *optional*): the project name for `accelerator.init_trackers`.
+        tracker_config (`dict`, *optional*): hyperparameters for the trackers (ints, floats, strings, bools).
+    """
+
+    def __init__(
+        self,
+        accelerator,
+        args,
+        train_dataloader,
+        lr_scheduler,
+        step: StepFunction,
+        logging_dir: str,
+        after_update: Optional[Callable[[int], None]] = None,
+        validate: Optional[Callable[[int], None]] = None,
+        validate_first_step: bool = False,
+        on_epoch: Optional[Callable[[int], None]] = None,
+        tracker_name: Optional[str] = None,
+        tracker_config: Optional[dict] = None,
+    ):
+        if args.max_train_steps is None or args.max_train_steps < 1:
+            raise ValueError(f"`max_train_steps` must be set to >= 1 before the loop, got {args.max_train_steps}.")
+        if len(train_dataloader) == 0:
+            raise ValueError(
+                f"the training data make no full batch of {args.train_batch_size} per process on "
+                f"{accelerator.num_processes} process(es): lower --train_batch_size or add data."
+            )
+        self.accelerator, self.args, self.train_dataloader = accelerator, args, train_dataloader
+        self.lr_scheduler, self.step_fn, self.logging_dir = lr_scheduler, step, logging_dir
+        self.after_update, self.on_epoch = after_update, on_epoch
+        self.validate, self.validate_first_step = validate, validate_first_step
+        self.tracker_name, self.tracker_config = tracker_name, tracker_config
+        self.guard = NonFiniteGuard(args.max_nonfinite_steps)
+        self.global_step = 0
+        self.samples_seen = 0
+        self.position = DataPosition()
+        self.validation_steps = args.validation_steps or max(1, args.max_train_steps // 10)
+
+    # --- sizes ---
+
+    @property
+    def samples_per_batch(self) -> int:
+        """Samples in one micro-batch of all processes together."""
+        return self.args.train_batch_size * self.accelerator.num_processes
+
+    @property
+    def total_batch_size(self) -> int:
+        """Samples per optimizer update: per-device batch x processes x accumulation."""
+        return self.samples_per_batch * self.args.gradient_accumulation_steps
+
+    @property
+    def updates_per_epoch(self) -> int:
+        """Optimizer updates per epoch: one every `gradient_accumulation_steps` micro-batches, and one at its end."""
+        return math.ceil(len(self.train_dataloader) / self.args.gradient_accumulation_steps)
+
+    # --- resume ---
+
+    def _resume(self) -> Tuple[int, int]:
+        """Loads `--resume_from_checkpoint`; returns `(first_epoch, micro-batches to skip)`."""
+        args, accelerator = self.args, self.accelerator
+        checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if args.resume_from_checkpoint and checkpoint is None:
+            logger.info("No checkpoint found in the output folder: starting a new run.")
+        state = read_training_state(checkpoint) if checkpoint else {"global_step": 0}
+        self.global_step = state["global_step"]
+        self._init_trackers(resumed=checkpoint is not None)
+        if checkpoint is None:
+            set_scheduler_step(self.lr_scheduler, 0)
+            return 0, 0
+        logger.info("Resuming from %s (step %d)", checkpoint, self.global_step)
+        accelerator.load_state(checkpoint)
+        set_scheduler_step(self.lr_scheduler, self.global_step)  # the LR of this step, whatever counted before
+        epoch, skip, short = resume_position(
+            state, len(self.train_dataloader), self.samples_per_batch, args.gradient_accumulation_steps
+        )
+        saved_processes = state.get("num_processes", accelerator.num_processes)
+        if short:
+            logger.warning(
+                "The checkpoint's data position (%d samples into epoch %d) is not a whole number of this run's "
+                "micro-batches of %d samples: the last %d samples before it are trained on again.",
+                state["epoch_samples"], state["epoch"], self.samples_per_batch, short,
+            )  # fmt: skip
+        saved_total_batch = state.get("total_batch_size", self.total_batch_size)
+        if saved_processes != accelerator.num_processes or saved_total_batch != self.total_batch_size:
+            logger.info(
+                "The checkpoint was saved by %d process(es) with a total batch of %s; this run has %d and %d. The LR "
+                "schedule continues at step %d; the data continue at sample %d of epoch %d (docs/finetune.md).",
+                saved_processes, saved_total_batch, accelerator.num_processes, self.total_batch_size,
+                self.global_step, skip * self.samples_per_batch, epoch,
+            )  # fmt: skip
+        self.samples_seen = state.get("samples_seen", self.global_step * self.total_batch_size)
+        self.position = DataPosition(epoch, skip * self.samples_per_batch)
+        if accelerator.is_main_process:
+            truncate_metrics_log(self.logging_dir, self.global_step)
+        return epoch, skip
+
+    def _init_trackers(self, resumed: bool) -> None:
+        if self.tracker_name is None or self.args.report_to == "none" or not self.accelerator.is_main_process:
+            return
+        # A resumed run hides the tensorboard events the interrupted run wrote after its checkpoint.
+        init_kwargs = {"tensorboard": {"purge_step": self.global_step + 1}} if resumed else {}
+        self.accelerator.init_trackers(self.tracker_name, config=self.tracker_config or {}, init_kwargs=init_kwargs)
+
+    def training_state(self) -> dict:
+        """What `training_state.json` records beside the global step: the data position and the run's shape."""
+        return {
+            "epoch": self.position.epoch,
+            "epoch_samples": self.position.epoch_samples,
+            "samples_seen": self.samples_seen,
+            "num_processes": self.accelerator.num_processes,
+            "train_batch_size": self.args.train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "total_batch_size": self.total_batch_size,
+        }
+
+    def save_checkpoint(self) -> str:
+        args = self.args
+        return save_checkpoint(
+            self.accelerator, args.output_dir, self.global_step, args.checkpoints_total_limit, self.training_state()
+        )
+
+    # --- the loop ---
+
+    def run(self) -> int:
+        """Trains up to `--max_train_steps` (resuming first when asked); returns the global step reached."""
+        args, accelerator = self.args, self.accelerator
+        epoch, skip = self._resume()
+        progress = _progress_bar(args.max_train_steps, self.global_step, not accelerator.is_local_main_process)
+        sums, count, last_log_time, grad_norm = None, 0, time.perf_counter(), None
+        try:
+            while self.global_step < args.max_train_steps:
+                if self.on_epoch is not None:
+                    self.on_epoch(epoch)
+                self.train_dataloader.set_epoch(epoch)
+                loader = accelerator.skip_first_batches(self.train_dataloader, skip) if skip else self.train_dataloader
+                batches, batches_in_update, updates_this_epoch = skip, 0, 0
+                skip = 0
+                for batch in loader:
+                    scalars, step_grad_norm = self.step_fn(batch)
+                    sums = scalars if sums is None else {k: sums[k] + v for k, v in scalars.items()}
+                    count, batches, batches_in_update = count + 1, batches + 1, batches_in_update + 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    grad_norm = step_grad_norm if step_grad_norm is not None else grad_norm
+                    self.global_step += 1
+                    updates_this_epoch += 1
+                    self.samples_seen += batches_in_update * self.samples_per_batch
+                    self.position = DataPosition(epoch, batches * self.samples_per_batch)
+                    batches_in_update = 0
+                    if self.after_update is not None:
+                        self.after_update(self.global_step)
+                    progress.update(1)
+                    step = self.global_step
+
+                    if step % args.logging_steps == 0 or step == args.max_train_steps:
+                        self.guard.raise_if_exhausted(step)  # with the losses below: the host syncs of a logging step
+                        logs = {k: (v / count).item() for k, v in accelerator.reduce(sums, reduction="mean").items()}
+                        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+                        if grad_norm is not None:
+                            logs["grad_norm"] = float(grad_norm)
+                        logs["img_per_s"] = count * self.samples_per_batch / (time.perf_counter() - last_log_time)
+                        if torch.cuda.is_available():
+                            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                        log_metrics(accelerator, self.logging_dir, step, logs)
+                        progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
+                        sums, count, last_log_time = None, 0, time.perf_counter()
+                    if step % args.checkpointing_steps == 0:
+                        self.guard.raise_if_exhausted(step)  # never checkpoint a run that must stop
+                        self.save_checkpoint()
+                    # The final model is validated by the script after the loop, not here.
+                    due = step % self.validation_steps == 0 or (self.validate_first_step and step == 1)
+                    if due and self.validate is not None and accelerator.is_main_process and step < args.max_train_steps:
+                        self.validate(step)
+                    if step >= args.max_train_steps:
+                        break
+                if updates_this_epoch == 0 and self.global_step < args.max_train_steps:
+                    raise RuntimeError(f"epoch {epoch} gave no training batch: check the data and --train_batch_size.")
+                epoch += 1
+        except KeyboardInterrupt:
+            logger.warning(
+                f"Interrupted at step {self.global_step}. Checkpoints already saved are complete; resume with "
+                f"--resume_from_checkpoint latest."
+            )
+            accelerator.end_training()
+            raise
+        progress.close()
+
+        accelerator.wait_for_everyone()
+        self.guard.raise_if_exhausted(self.global_step)
+        if self.global_step % args.checkpointing_steps:
+            self.save_checkpoint()
+        return self.global_step
+
+    # --- the result ---
+
+    def finish(self, write: Callable[[str], None], write_card: Optional[Callable[[], None]] = None) -> None:
+        """
+        On the main process: `write(folder)` writes the result into a temporary folder, moved into
+        `--output_dir` entry by entry (`export_atomically`); then `write_card()` and, with `--push_to_hub`,
+        the upload. Ends the trackers on every process.
+        """
+        args = self.args
+        if self.accelerator.is_main_process:
+            export_atomically(args.output_dir, write)
+            if write_card is not None:
+                write_card()
+            if args.push_to_hub:
+                from .hub import push_folder
+
+                repo_id = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, create=False)
+                logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+        self.accelerator.end_training()
+
+
+def _progress_bar(total: int, initial: int, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(total), initial=initial, desc="Steps", disable=disable)
+
+
+def export_atomically(output_dir: str, write: Callable[[str], None]) -> None:
+    """
+    Runs `write(folder)` on a temporary folder inside `output_dir`, then moves each written entry into
+    `output_dir` (replacing an older one): a crash mid-write never leaves a half-written model there.
+    """
+    temporary = os.path.join(output_dir, ".export.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    write(temporary)
+    for name in os.listdir(temporary):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(temporary, name), target)
+    os.rmdir(temporary)

@@ -22,10 +22,12 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from diffusers_ssreg import data as ssreg_data
+from diffusers_ssreg.images import extensions_text
+from diffusers_ssreg.training import HelpFormatter, add_deprecated_alias
+from diffusers_ssreg.vae import load_vae, load_vae_config
 from diffusers_ssreg.dit import (
     CACHE_CONFIG_NAME,
     CACHE_STATS_NAME,
@@ -48,23 +50,25 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=HelpFormatter)
     # VAE
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, required=True, help="AutoencoderKL folder or Hub id.")
-    parser.add_argument("--vae_subfolder", type=str, default=None, help="e.g. 'vae' inside a pipeline repo.")
-    parser.add_argument("--revision", type=str, default=None)
-    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE, e.g. 'vae' in a pipeline repo.")
+    parser.add_argument("--revision", type=str, default=None, help="Hub revision of the VAE.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight variant, e.g. 'fp16'.")
     # data
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Image folder, one subfolder per class.")
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help=f"Image folder, one subfolder per class, searched recursively; files read: {extensions_text()} "
+                        "(transparent pixels over white, EXIF orientation applied, the first frame of animated ones).")
     parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` name on the Hub or a local dataset.")
-    parser.add_argument("--dataset_config_name", type=str, default=None)
-    parser.add_argument("--split", type=str, default="train")
-    parser.add_argument("--image_column", type=str, default=None, help="Default: the first Image feature.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
+    parser.add_argument("--split", type=str, default="train", help="Split of --dataset_name.")
+    parser.add_argument("--image_column", type=str, default=None, help="Image column (default: the first Image feature).")
     parser.add_argument("--label_column", type=str, default="label", help="Class label column of --dataset_name.")
     parser.add_argument("--no_labels", action="store_true", help="Cache without class labels (unconditional data).")
-    parser.add_argument("--max_samples", type=int, default=None, help="Encode N images, drawn at random (seeded).")
-    parser.add_argument("--cache_dir", type=str, default=None, help="`datasets` download cache.")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Encode at most N images, drawn at random (seeded).")
+    parser.add_argument("--cache_dir", type=str, default=None, help="`datasets` download cache of --dataset_name.")
+    parser.add_argument("--resolution", type=int, default=256, help="Images are resized (short side) and centre-cropped to this.")
     parser.add_argument("--patch_size", type=int, default=2, help="DiT patch size the latent size must be divisible by.")
     # encoding
     parser.add_argument("--output_dir", type=str, required=True, help="The latent cache folder.")
@@ -76,6 +80,7 @@ def parse_args(input_args=None):
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="VAE weight dtype.")
     parser.add_argument("--dataloader_num_workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="Seeds the posterior samples (per shard).")
+    add_deprecated_alias(parser, "--max_samples", "--max_train_samples")
 
     args = parser.parse_args(input_args)
     if os.path.isdir(args.pretrained_vae_model_name_or_path):  # recorded in the cache: train_dit.py may run elsewhere
@@ -85,8 +90,8 @@ def parse_args(input_args=None):
     for name in ("resolution", "patch_size", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ValueError(f"--max_samples must be >= 1, got {args.max_samples}.")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise ValueError(f"--max_train_samples must be >= 1, got {args.max_train_samples}.")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
     return args
@@ -97,13 +102,15 @@ def parse_args(input_args=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def build_dataset(args):
+def build_dataset(args, log_summary=True):
     """The image dataset (centre crops, no random flip), its class names {label: name}, and a description."""
     transform = ssreg_data.image_transform(args.resolution, center_crop=True, random_flip=False)
     with_labels = not args.no_labels
     if args.train_data_dir:
         try:
-            dataset = ssreg_data.folder_image_dataset(args.train_data_dir, transform, with_labels=with_labels)
+            dataset = ssreg_data.folder_image_dataset(
+                args.train_data_dir, transform, with_labels=with_labels, name="--train_data_dir", log_summary=log_summary
+            )
         except ValueError as error:
             if with_labels and "class subfolders" in str(error):
                 raise ValueError(f"{error} (or pass --no_labels to cache unlabeled latents).") from error
@@ -112,19 +119,14 @@ def build_dataset(args):
         if with_labels:  # the same sorted subfolder names folder_image_dataset numbered
             for path, label in zip(dataset.items, dataset.labels):
                 id2label[int(label)] = os.path.relpath(path, args.train_data_dir).split(os.sep)[0]
-        if args.max_samples is not None:
-            keep = torch.randperm(len(dataset.items), generator=torch.Generator().manual_seed(args.seed))[: args.max_samples]
-            keep = sorted(keep.tolist())
-            dataset.items = [dataset.items[i] for i in keep]
-            dataset.labels = [dataset.labels[i] for i in keep] if dataset.labels is not None else None
-            dataset.length = len(dataset.items)
+        dataset = dataset.random_subset(args.max_train_samples, args.seed)
         description = f"images from `{os.path.basename(os.path.normpath(args.train_data_dir))}`"
         return dataset, id2label, description
 
     dataset = ssreg_data.hub_image_dataset(
         args.dataset_name, transform, args.split, args.dataset_config_name, args.image_column,
         label_column=None if args.no_labels else args.label_column, cache_dir=args.cache_dir,
-        max_samples=args.max_samples, seed=args.seed,
+        max_samples=args.max_train_samples, seed=args.seed,
     )  # fmt: skip
     id2label = {}
     if with_labels:  # a ClassLabel column carries its names; else the labels are named by their index
@@ -146,7 +148,7 @@ def check_or_write_cache_config(args, num_samples: int, accelerator) -> dict:
         "variant": args.variant, "train_data_dir": args.train_data_dir, "dataset_name": args.dataset_name,
         "dataset_config_name": args.dataset_config_name, "split": args.split, "image_column": args.image_column,
         "label_column": None if args.no_labels else (args.label_column if args.dataset_name else "subfolder"),
-        "max_samples": args.max_samples, "resolution": args.resolution, "num_samples": num_samples,
+        "max_samples": args.max_train_samples, "resolution": args.resolution, "num_samples": num_samples,
         "shard_size": args.shard_size, "posterior": args.posterior, "latent_dtype": args.latent_dtype, "seed": args.seed,
     }  # fmt: skip
     path = os.path.join(args.output_dir, CACHE_CONFIG_NAME)
@@ -195,14 +197,10 @@ def encode_shard(vae, dataset, indices, args, accelerator, generator, progress):
 
 
 def check_vae(args):
-    """The VAE's config and the latent size; ValueError when --resolution doesn't fit the VAE and the DiT patch."""
-    vae_config = AutoencoderKL.load_config(
-        args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, revision=args.revision
+    """The VAE's config (its class checked) and the latent size; ValueError when --resolution doesn't fit the VAE and the DiT patch."""
+    vae_config = load_vae_config(
+        args.pretrained_vae_model_name_or_path, args.vae_subfolder, args.revision, flag="--pretrained_vae_model_name_or_path"
     )
-    if vae_config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ValueError(
-            f"{args.pretrained_vae_model_name_or_path!r} holds a {vae_config['_class_name']}, not an AutoencoderKL."
-        )
     return vae_config, check_resolution(args.resolution, vae_downsampling_factor(vae_config), args.patch_size)
 
 
@@ -211,9 +209,9 @@ def main(args):
     # --- every input error surfaces here, before any encoding ---
     vae_config, latent_size = check_vae(args)
     vae_factor = vae_downsampling_factor(vae_config)
-    dataset, id2label, description = build_dataset(args)
-    num_samples = len(dataset)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    dataset, id2label, description = build_dataset(args, log_summary=accelerator.is_main_process)
+    num_samples = len(dataset)
     logger.info(accelerator.state, main_process_only=False)
     num_shards = math.ceil(num_samples / args.shard_size)
     check_or_write_cache_config(args, num_samples, accelerator)
@@ -228,9 +226,9 @@ def main(args):
 
     if todo:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        vae = AutoencoderKL.from_pretrained(
-            args.pretrained_vae_model_name_or_path, subfolder=args.vae_subfolder, revision=args.revision,
-            variant=args.variant, **dtype_kwargs(weight_dtype),
+        vae = load_vae(
+            args.pretrained_vae_model_name_or_path, args.vae_subfolder, args.revision, args.variant,
+            flag="--pretrained_vae_model_name_or_path", **dtype_kwargs(weight_dtype),
         ).to(accelerator.device).eval()  # fmt: skip
         vae.requires_grad_(False)
         total = sum(min(args.shard_size, num_samples - k * args.shard_size) for k in todo)

@@ -2,7 +2,7 @@
 """
 Train a class-conditional DiT on cached VAE latents: the generation benchmark of arXiv 2604.11089.
 
-    accelerate launch examples/train_dit.py --cache_dir latents/flux-ssreg-256 --preset DiT-B/2 \
+    accelerate launch examples/train_dit.py --latents_dir latents/flux-ssreg-256 --preset DiT-B/2 \
         --objective flow --mixed_precision bf16 --train_batch_size 32 --max_train_steps 80000 \
         --output_dir dit-b2-flux-ssreg
 
@@ -16,8 +16,6 @@ decode with the latent normalization undone (docs/dit.md). The exported DiT hold
 import argparse
 import math
 import os
-import shutil
-import time
 
 import numpy as np
 import torch
@@ -27,7 +25,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffusers_ssreg.dit import (
     DIT_PRESETS,
@@ -44,17 +41,17 @@ from diffusers_ssreg.dit import (
     vae_latent_statistics,
     write_normalization_file,
 )
-from diffusers_ssreg.hub import push_folder, render_model_card
+from diffusers_ssreg.hub import render_model_card
 from diffusers_ssreg.training import (
-    NonFiniteGuard,
+    HelpFormatter,
+    TrainingLoop,
+    add_deprecated_alias,
     add_training_arguments,
     check_training_arguments,
-    log_metrics,
-    resume_training,
     setup_accelerator,
-    save_checkpoint,
     unwrap,
 )
+from diffusers_ssreg.vae import load_vae_config
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -66,12 +63,13 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=HelpFormatter)
     # data and model
-    parser.add_argument("--cache_dir", type=str, required=True, help="Latent cache written by examples/cache_latents.py.")
+    parser.add_argument("--latents_dir", type=str, default=None,
+                        help="The latent cache written by examples/cache_latents.py (its --output_dir). Required.")
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                        help="Default: the VAE the cache was made with.")
-    parser.add_argument("--vae_subfolder", type=str, default=None)
+                        help="The VAE of the exported pipeline (default: the VAE the cache was made with).")
+    parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE, e.g. 'vae' in a pipeline repo.")
     parser.add_argument("--preset", type=str, default="DiT-B/2", choices=list(DIT_PRESETS), help="The paper: DiT-B/2.")
     parser.add_argument("--transformer_config", type=str, default=None,
                         help="JSON (a string or a file) of DiTTransformer2DModel config overrides, e.g. '{\"num_layers\": 2}'.")
@@ -86,18 +84,21 @@ def parse_args(input_args=None):
     parser.add_argument("--logit_std", type=float, default=1.0, help="Flow: std of the logit-normal sigmas.")
     # optimization
     parser.add_argument("--lr_scheduler", type=str, default="constant", help="A diffusers get_scheduler name.")
-    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps of --lr_scheduler.")
     parser.add_argument("--ema_decay", type=float, default=0.9999, help="Constant EMA decay (0 exports the raw weights).")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward (through Accelerate).")
-    parser.add_argument("--validation_guidance_scale", type=float, default=1.0)
-    parser.add_argument("--validation_inference_steps", type=int, default=50)
+    parser.add_argument("--validation_guidance_scale", type=float, default=1.0, help="Guidance of the sample grids.")
+    parser.add_argument("--validation_inference_steps", type=int, default=50, help="Sampling steps of the sample grids.")
     add_training_arguments(
         parser, output_dir="dit-output", max_train_steps=80_000, learning_rate=1e-4, dataloader_num_workers=2,
         logging_steps=100, num_validation_images=16, checkpointing_steps=5000,
     )  # DiT: batch 32 per device (256 in total), 80K steps as the paper, no clipping
+    add_deprecated_alias(parser, "--cache_dir", "--latents_dir")
 
     args = parser.parse_args(input_args)
     # --- cross-argument checks: fail before any work ---
+    if args.latents_dir is None:
+        raise ValueError("--latents_dir is required: the latent cache folder written by examples/cache_latents.py.")
     check_training_arguments(args, positive=("max_train_steps", "validation_inference_steps"))
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
@@ -118,7 +119,7 @@ def parse_args(input_args=None):
 
 def prepare_inputs(args):
     """The in-memory latents, the VAE's location and config, the DiT config, the normalization and class names."""
-    dataset = LatentDataset.from_cache(args.cache_dir)
+    dataset = LatentDataset.from_cache(args.latents_dir)
     meta = dataset.metadata
     if args.unconditional:
         dataset.class_labels = torch.zeros(len(dataset), dtype=torch.long)
@@ -126,7 +127,7 @@ def prepare_inputs(args):
     else:
         if dataset.class_labels is None:
             raise ValueError(
-                f"the latent cache {args.cache_dir!r} has no class labels, but the DiT is class-conditional: re-cache "
+                f"the latent cache {args.latents_dir!r} has no class labels, but the DiT is class-conditional: re-cache "
                 f"with labels (class subfolders or --label_column), or pass --unconditional."
             )
         num_classes = dataset.num_classes
@@ -138,7 +139,8 @@ def prepare_inputs(args):
         subfolder=args.vae_subfolder if args.pretrained_vae_model_name_or_path else meta.get("vae_subfolder"),
         revision=None if args.pretrained_vae_model_name_or_path else meta.get("revision"),
     )
-    vae_config = AutoencoderKL.load_config(**vae_location)
+    flag = "--pretrained_vae_model_name_or_path" if args.pretrained_vae_model_name_or_path else "the cache's VAE"
+    vae_config = load_vae_config(**vae_location, flag=flag)
     if vae_config["latent_channels"] != dataset.latent_channels:
         raise ValueError(
             f"channel mismatch: the VAE {vae_location['pretrained_model_name_or_path']!r} has "
@@ -272,113 +274,56 @@ def main(args):
         parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True,  # fused: NaN steps skipped on the device
     )  # fmt: skip
-    train_dataloader = latent_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers)
+    # In optimizer steps, and not prepared: stepped once per update, whatever the number of processes.
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )  # fmt: skip
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
-    updates_per_epoch = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    validation_steps = args.validation_steps or max(1, args.max_train_steps // 10)
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
+    train_dataloader = latent_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers)
+    model, prepared_optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     validation_pipeline = None
     if accelerator.is_main_process:  # shares `transformer`: samples see the EMA weights swapped in
         validation_pipeline = build_pipeline(transformer, vae, args.objective, mean, std, id2label)
         validation_pipeline.set_progress_bar_config(disable=True)
 
-    if accelerator.is_main_process and args.report_to != "none":
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("train_dit", config=tracker_config)
+    def step(batch):
+        output = train_step(
+            accelerator, model, prepared_optimizer, lr_scheduler, batch, parameters, loop.guard, args.max_grad_norm
+        )
+        return {"loss": output.loss}, output.grad_norm
 
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    loop = TrainingLoop(
+        accelerator, args, train_dataloader, lr_scheduler, step, logging_dir,
+        after_update=lambda step: ema.step(parameters),
+        validate=lambda step: log_validation(validation_pipeline, ema, args, accelerator, step, num_classes),
+        tracker_name="train_dit",
+        tracker_config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+    )  # fmt: skip
     logger.info("***** Running training *****")
     logger.info(f"  Latents = {len(dataset)} x {tuple(dataset.latents.shape[2:])} (x2 flips), classes = {num_classes}")
     logger.info(f"  {args.preset} ({args.objective}), {sum(p.numel() for p in parameters) / 1e6:.1f}M parameters: {config}")
     logger.info(f"  Latent normalization = {args.latent_normalization}: mean {np.round(mean, 4).tolist()}, "
                 f"std {np.round(std, 4).tolist()}")
-    logger.info(f"  Epochs = {num_epochs}; total batch size = {total_batch}; optimization steps = {args.max_train_steps}")
-
-    global_step, first_epoch, skip_batches = resume_training(
-        accelerator, args.output_dir, args.resume_from_checkpoint, updates_per_epoch, args.gradient_accumulation_steps
-    )
-
-    guard = NonFiniteGuard(args.max_nonfinite_steps)
-    progress = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    loss_sum, count, last_log_time = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
-    grid_path = None
+    logger.info(f"  Epochs = {math.ceil(args.max_train_steps / loop.updates_per_epoch)}; total batch size = "
+                f"{loop.total_batch_size}; optimization steps = {args.max_train_steps}")
     model.train()
-    try:
-        for epoch in range(first_epoch, num_epochs):
-            train_dataloader.set_epoch(epoch)
-            loader = train_dataloader
-            if epoch == first_epoch and skip_batches:
-                loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
-            for batch in loader:
-                if global_step >= args.max_train_steps:  # resumed from the final checkpoint: nothing left
-                    break
-                output = train_step(accelerator, model, optimizer, lr_scheduler, batch, parameters, guard, args.max_grad_norm)
-                loss_sum += output.loss
-                count += 1
-                if not accelerator.sync_gradients:
-                    continue
-                ema.step(parameters)
-                global_step += 1
-                progress.update(1)
-
-                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                    guard.raise_if_exhausted(global_step)  # with the loss below: the host syncs of a logging step
-                    logs = {"loss": (accelerator.reduce(loss_sum, reduction="mean") / count).item()}
-                    logs["lr"] = lr_scheduler.get_last_lr()[0]
-                    logs["img_per_s"] = count * args.train_batch_size * accelerator.num_processes / (
-                        time.perf_counter() - last_log_time
-                    )
-                    if output.grad_norm is not None:
-                        logs["grad_norm"] = float(output.grad_norm)
-                    log_metrics(accelerator, logging_dir, global_step, logs)
-                    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-                    loss_sum.zero_()
-                    count, last_log_time = 0, time.perf_counter()
-                if global_step % args.checkpointing_steps == 0:
-                    guard.raise_if_exhausted(global_step)  # never checkpoint a run that must stop
-                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                if accelerator.is_main_process and global_step % validation_steps == 0:
-                    grid_path = log_validation(validation_pipeline, ema, args, accelerator, global_step, num_classes)
-                if global_step >= args.max_train_steps:
-                    break
-            if global_step >= args.max_train_steps:
-                break
-    except KeyboardInterrupt:
-        logger.warning(f"Interrupted at step {global_step}: resume with --resume_from_checkpoint latest.")
-        accelerator.end_training()
-        raise
+    global_step = loop.run()
 
     # --- the result: a pipeline folder with the EMA weights, a model card, optionally on the Hub ---
-    accelerator.wait_for_everyone()
-    guard.raise_if_exhausted(global_step)
-    if global_step % args.checkpointing_steps:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    grid_path = None
     if accelerator.is_main_process:
         grid_path = log_validation(validation_pipeline, ema, args, accelerator, global_step, num_classes, "final.png")
         ema.copy_to(parameters)
-        export_tmp = os.path.join(args.output_dir, ".export.tmp")
-        shutil.rmtree(export_tmp, ignore_errors=True)
-        validation_pipeline.save_pretrained(export_tmp)  # written aside, then moved in: never a half-written folder
-        write_normalization_file(export_tmp, args.objective, args.latent_normalization, mean, std, vae_config)
-        for name in os.listdir(export_tmp):
-            target = os.path.join(args.output_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(export_tmp, name), target)
-        os.rmdir(export_tmp)
-        write_model_card(args, meta, vae_location, config, num_classes, total_batch, grid_path, accelerator)
+
+    def write(folder):
+        validation_pipeline.save_pretrained(folder)
+        write_normalization_file(folder, args.objective, args.latent_normalization, mean, std, vae_config)
+
+    def write_card():
+        write_model_card(args, meta, vae_location, config, num_classes, loop.total_batch_size, grid_path, accelerator)
         pipeline_class = type(validation_pipeline).__name__
         logger.info(f"Saved a {pipeline_class} to {args.output_dir} (EMA weights); sample it with examples/sample_dit.py.")
-        if args.push_to_hub:
-            repo_id = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
-            logger.info(f"Pushed to https://huggingface.co/{repo_id}")
-    accelerator.end_training()
+
+    loop.finish(write, write_card)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def cache(workspace):
 
 
 def train_args(cache, output_dir, objective, steps, *extra):
-    return ["--cache_dir", str(cache["folder"]), "--preset", "DiT-S/2", "--transformer_config", TINY_DIT,
+    return ["--latents_dir", str(cache["folder"]), "--preset", "DiT-S/2", "--transformer_config", TINY_DIT,
             "--objective", objective, "--train_batch_size", "4", "--max_train_steps", str(steps),
             "--checkpointing_steps", "2", "--logging_steps", "1", "--validation_steps", "2", "--num_validation_images", "3",
             "--validation_inference_steps", "2", "--dataloader_num_workers", "0", "--learning_rate", "1e-3",
@@ -114,6 +114,17 @@ def test_cache_holds_latents_of_images_and_their_flips(workspace, cache):
     torch.testing.assert_close(torch.tensor(stats["latents_mean"], dtype=torch.float64), all_latents.mean(dim=(0, 1, 3, 4)))
 
 
+def flux2_vae(folder):
+    """A tiny AutoencoderKLFlux2 folder: another VAE class, which no script may load as an AutoencoderKL."""
+    from diffusers import AutoencoderKLFlux2
+
+    AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, patch_size=(1, 1),
+    ).save_pretrained(folder / "flux2")  # fmt: skip
+    return folder / "flux2"
+
+
 def test_cache_input_errors(workspace, tmp_path):
     bad_resolution = cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--resolution", "18"))
     with pytest.raises(ValueError, match=r"--resolution 18 must be a multiple of .* factor 2 times the DiT patch size 2"):
@@ -125,6 +136,11 @@ def test_cache_input_errors(workspace, tmp_path):
         cache_latents.build_dataset(cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--train_data_dir", str(flat))))
     with pytest.raises(ValueError, match="exactly one of --train_data_dir"):
         cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--dataset_name", "x"))
+    flux2 = cache_latents.parse_args(cache_args(workspace, tmp_path / "c") + ["--pretrained_vae_model_name_or_path", str(flux2_vae(tmp_path))])
+    with pytest.raises(ValueError, match="holds a model of class AutoencoderKLFlux2; supported VAE classes: AutoencoderKL"):
+        cache_latents.check_vae(flux2)
+    with pytest.warns(FutureWarning, match="--max_samples is now called --max_train_samples"):
+        assert cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--max_samples", "3")).max_train_samples == 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,15 +148,32 @@ def test_cache_input_errors(workspace, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_train_flow_resume_and_sample(workspace, cache, tmp_path):
-    output = tmp_path / "flow"
-    result = launch("examples/train_dit.py", train_args(cache, output, "flow", 2, "--train_batch_size", "2"), num_processes=2)
+def read_metrics(output):
+    return [json.loads(line) for line in (output / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_flow_resume_on_another_process_count_and_sample(workspace, cache, tmp_path):
+    # 12 cached latents, a total batch of 4 either way (2 processes x 2, 1 x 4): 3 updates an epoch. An uninterrupted
+    # run on 2 and on 1 process, each resumed from its step-3 checkpoint on the other count, with a linear schedule.
+    schedule = ["--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--checkpointing_steps", "3"]
+    two = train_args(cache, tmp_path / "flow", "flow", 6, *schedule, "--train_batch_size", "2")
+    one = train_args(cache, tmp_path / "one", "flow", 6, *schedule, "--validation_steps", "100")
+    result = launch("examples/train_dit.py", two, num_processes=2)
     assert "DistributedType.MULTI_CPU" in result.stderr + result.stdout  # DDP over gloo
-    result = launch("examples/train_dit.py", train_args(cache, output, "flow", 4, "--resume_from_checkpoint", "latest"))
-    assert "Resuming from" in result.stderr + result.stdout
-    assert json.loads((output / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
+    launch("examples/train_dit.py", one)
+    lr = [m["lr"] for m in read_metrics(tmp_path / "flow")]
+    assert lr == [m["lr"] for m in read_metrics(tmp_path / "one")] == pytest.approx([5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+    result = launch("examples/train_dit.py", two + ["--train_batch_size", "4", "--resume_from_checkpoint", "checkpoint-3"])
+    assert "Resuming from" in result.stderr + result.stdout  # 2 -> 1 process
+    launch("examples/train_dit.py", one + ["--train_batch_size", "2", "--resume_from_checkpoint", "checkpoint-3"], num_processes=2)
+    for name in ("flow", "one"):
+        resumed = read_metrics(tmp_path / name)
+        assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6] and [m["lr"] for m in resumed] == lr, name
+        state = json.loads((tmp_path / name / "checkpoint-6" / "training_state.json").read_text())
+        assert (state["global_step"], state["epoch"], state["epoch_samples"], state["samples_seen"]) == (6, 1, 12, 24)
+    output = tmp_path / "flow"
     for name in ("transformer", "transformer_ema"):
-        assert (output / "checkpoint-4" / name / "diffusion_pytorch_model.safetensors").is_file()
+        assert (output / "checkpoint-6" / name / "diffusion_pytorch_model.safetensors").is_file()
     assert {"step-0000002.png", "step-0000004.png", "final.png"} <= set(os.listdir(output / "samples"))
     assert any(name.startswith("events.out.tfevents") for _, _, names in os.walk(output / "logs") for name in names)
     card = (output / "README.md").read_text()
@@ -222,7 +255,7 @@ def test_train_input_errors(workspace, cache, tmp_path):
     with pytest.raises(ValueError, match="is empty"):
         prepare(cache_dir=tmp_path / "empty")
     unlabeled = tmp_path / "unlabeled"
-    launch("examples/cache_latents.py", cache_args(workspace, unlabeled, "--no_labels", "--max_samples", "4"))
+    launch("examples/cache_latents.py", cache_args(workspace, unlabeled, "--no_labels", "--max_train_samples", "4"))
     with pytest.raises(ValueError, match="has no class labels, but the DiT is class-conditional"):
         prepare(cache_dir=unlabeled)
     dataset, *_, num_classes, id2label = prepare("--unconditional", cache_dir=unlabeled)
@@ -233,6 +266,17 @@ def test_train_input_errors(workspace, cache, tmp_path):
         train_dit.parse_args(train_args(cache, tmp_path / "out", "flow", 1, "--preset", "DiT-H/2"))
     with pytest.raises(ValueError, match="--class_dropout_prob must be in"):
         train_dit.parse_args(train_args(cache, tmp_path / "out", "flow", 1, "--class_dropout_prob", "1.0"))
+    # checked before any work: a missing checkpoint, a VAE of another class, the latent cache's flag
+    with pytest.raises(ValueError, match="`resume_from_checkpoint`='/nonexistent/checkpoint-2' is not 'latest' or an existing"):
+        train_dit.parse_args(train_args(cache, tmp_path / "out", "flow", 1, "--resume_from_checkpoint", "/nonexistent/checkpoint-2"))
+    flux2 = flux2_vae(tmp_path)
+    with pytest.raises(ValueError, match=r"--pretrained_vae_model_name_or_path '.*flux2' holds a model of class AutoencoderKLFlux2"):
+        prepare("--pretrained_vae_model_name_or_path", str(flux2))
+    with pytest.raises(ValueError, match="--latents_dir is required"):
+        train_dit.parse_args(train_args(cache, tmp_path / "out", "flow", 1)[2:])
+    with pytest.warns(FutureWarning, match="--cache_dir is now called --latents_dir"):
+        args = train_dit.parse_args(["--cache_dir", str(cache["folder"]), *train_args(cache, tmp_path / "out", "flow", 1)[2:]])
+    assert args.latents_dir == str(cache["folder"])
 
 
 # --------------------------------------------------------------------------------------------

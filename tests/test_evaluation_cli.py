@@ -140,6 +140,35 @@ def test_bad_vae_path_is_a_clear_error(workspace, tmp_path):
               "--output_dir", str(tmp_path / "out"), "--no_progress"])
 
 
+def test_offline_lpips_hint_names_the_cli_flag(workspace, tmp_path, monkeypatch):
+    lpips = pytest.importorskip("lpips")
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    with pytest.raises(RuntimeError, match="or pass --lpips_net none to skip LPIPS") as error:
+        run(["reconstruction", "--vae", workspace["vae_a"], "--data_dir", workspace["images"], "--feature_extractor", "none",
+             "--output_dir", str(tmp_path / "out"), "--no_progress"])
+    assert "ssreg_lambda_lpips" not in str(error.value)  # the training flag means nothing to ssreg-eval
+
+
+def test_another_vae_class_and_the_renamed_subfolder_flag(workspace, tmp_path):
+    from diffusers import AutoencoderKLFlux2
+
+    AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, patch_size=(1, 1),
+    ).save_pretrained(tmp_path / "flux2")  # fmt: skip
+    with pytest.raises(ValueError, match="--vae '.*flux2' holds a model of class AutoencoderKLFlux2"):
+        run(["latent", "--vae", str(tmp_path / "flux2"), "--data_dir", workspace["images"], "--analyses", "statistics",
+             "--output_dir", str(tmp_path / "out"), "--no_progress"])
+    with pytest.warns(FutureWarning, match="--subfolder is now called --vae_subfolder"):
+        args = parse_args(["latent", "--vae", "a", "--vae", "b", "--subfolder", "vae", "--subfolder", "", "--data_dir", "d",
+                           "--output_dir", "o"])  # fmt: skip
+    assert args.vae_subfolder == ["vae", ""]
+
+
 def test_main_returns_an_exit_status(workspace, tmp_path, capsys):
     assert main(["latent", "--vae", workspace["vae_a"], "--data_dir", workspace["images"], "--analyses", "bogus",
                  "--output_dir", str(tmp_path / "out")]) == 2

@@ -76,11 +76,15 @@ def max_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def read_metrics(output):
+    return [json.loads(line) for line in (output / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+
+
 def test_train_checkpoint_resume_and_export(workspace, tmp_path):
     output = tmp_path / "run"
     result = launch(base_args(workspace, output, 4) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2"])
     log = result.stdout + result.stderr
-    assert "Skipping unreadable image" in log and "corrupt.jpg" in log
+    assert "used 12 images, skipped 1: 1 unreadable [UnidentifiedImageError: 1] (e.g." in log and "corrupt.jpg" in log
     assert sorted(p for p in os.listdir(output) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
     for sub in ("vae", "ssreg"):
         assert os.path.isdir(output / "checkpoint-4" / sub)
@@ -99,7 +103,7 @@ def test_train_checkpoint_resume_and_export(workspace, tmp_path):
     resumed = launch(base_args(workspace, output, 6) + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
     assert "Resuming from" in resumed.stdout + resumed.stderr and "checkpoint-4" in resumed.stdout + resumed.stderr
     assert json.loads((output / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
-    metrics = [json.loads(line) for line in (output / "logs" / "train_metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(output)
     assert [m["step"] for m in metrics] == [2, 4, 6] and all(m["loss"] > 0 for m in metrics)
 
     # resuming a finished run trains no extra step
@@ -122,16 +126,21 @@ def test_train_checkpoint_resume_and_export(workspace, tmp_path):
     assert "torch.Size([1, 3, 32, 32])" in out.stdout
 
 
-def test_interrupted_run_resumed_matches_uninterrupted(workspace, tmp_path):
-    steps = ["--checkpointing_steps", "3"]
+def test_interrupted_run_with_gradient_accumulation_resumes_at_the_right_batch(workspace, tmp_path):
+    # 10 training images in micro-batches of 2: 5 per epoch, so with 2 per update an epoch is 3 updates (2 + 2 + 1);
+    # checkpoint-5 lies mid-epoch (epoch 1, after 4 micro-batches). Resumed there, the run must see the very same
+    # batches as an uninterrupted one: bit-identical weights.
+    steps = ["--checkpointing_steps", "5", "--gradient_accumulation_steps", "2", "--validation_steps", "4"]
     straight = tmp_path / "straight"
     launch(base_args(workspace, straight, 12) + steps)
+    state = json.loads((straight / "checkpoint-5" / "training_state.json").read_text())
+    assert (state["epoch"], state["epoch_samples"], state["samples_seen"]) == (1, 8, 18)
 
     # Ctrl-C (SIGINT to the whole process group) once the first checkpoint is complete.
     interrupted = tmp_path / "interrupted"
     process = launch(base_args(workspace, interrupted, 12) + steps, background=True)
     deadline = time.time() + 300
-    while not (interrupted / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
+    while not (interrupted / "checkpoint-5").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGINT)
     output, _ = process.communicate(timeout=120)
@@ -139,47 +148,64 @@ def test_interrupted_run_resumed_matches_uninterrupted(workspace, tmp_path):
     assert not (interrupted / "diffusion_pytorch_model.safetensors").exists()
     assert not any(p.endswith(".tmp") for p in os.listdir(interrupted) if p.startswith("checkpoint-12"))
 
-    launch(base_args(workspace, interrupted, 12) + steps + ["--resume_from_checkpoint", "latest"])
+    launch(base_args(workspace, interrupted, 12) + steps + ["--resume_from_checkpoint", "checkpoint-5"])
     assert max_difference(vae_weights(straight), vae_weights(interrupted)) < 1e-6
     a = load_file(straight / "ssreg" / "ssreg_state.safetensors")
     b = load_file(interrupted / "ssreg" / "ssreg_state.safetensors")
     assert max_difference(a, b) < 1e-6
+    assert [m["step"] for m in read_metrics(interrupted)] == [2, 4, 6, 8, 10, 12]  # each step once
+    assert [m["lr"] for m in read_metrics(interrupted)] == [m["lr"] for m in read_metrics(straight)]
 
 
-def test_two_process_cpu_run_keeps_ranks_identical(workspace, tmp_path):
-    output = tmp_path / "ddp"
-    result = launch(
-        base_args(workspace, output, 3) + ["--checkpointing_steps", "100", "--random_resized_crop_scale", "0.3", "1"],
-        num_processes=2,
-    )
+def test_resume_on_another_process_count_keeps_the_schedule_and_the_data_position(workspace, tmp_path):
+    # The same total batch of 4 either way: 2 processes x 2 or 1 process x 4. Uninterrupted runs on 2 and on 1
+    # process, each resumed from its step-3 checkpoint on the other count; every step logs its learning rate.
+    every_step = ["--logging_steps", "1", "--checkpointing_steps", "3", "--validation_steps", "100"]
+    two = base_args(workspace, tmp_path / "two", 6) + every_step + ["--random_resized_crop_scale", "0.3", "1"]
+    result = launch(two, num_processes=2)
     log = result.stdout + result.stderr
     assert "MULTI_CPU" in log and "Num processes: 2" in log
-    checksums = json.loads((output / "rank_checksums.json").read_text())
+    checksums = json.loads((tmp_path / "two" / "rank_checksums.json").read_text())
     assert len(checksums) == 2 and checksums[0] == checksums[1]
-    AutoencoderKL.from_pretrained(output)
+    assert (tmp_path / "two" / "checkpoint-3" / "random_states_1.pkl").is_file()  # written by rank 1
+    one = base_args(workspace, tmp_path / "one", 6) + every_step + ["--train_batch_size", "4"]
+    launch(one)
+    uninterrupted = {name: read_metrics(tmp_path / name) for name in ("two", "one")}
+    states = {name: json.loads((tmp_path / name / "checkpoint-6" / "training_state.json").read_text()) for name in uninterrupted}
+    lr = [m["lr"] for m in uninterrupted["two"]]
+    assert [m["step"] for m in uninterrupted["two"]] == [1, 2, 3, 4, 5, 6]
+    assert lr == [m["lr"] for m in uninterrupted["one"]] and len(set(lr[2:])) == 4  # the cosine decay is on
+
+    resume = ["--resume_from_checkpoint", "checkpoint-3"]
+    result = launch(two + ["--train_batch_size", "4"] + resume)  # 2 -> 1 process
+    assert "saved by 2 process(es)" in result.stdout + result.stderr
+    launch(one + ["--train_batch_size", "2"] + resume, num_processes=2)  # 1 -> 2 processes
+    for name in ("two", "one"):
+        resumed = read_metrics(tmp_path / name)
+        assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]  # each step once after the resume
+        assert [m["lr"] for m in resumed] == lr, name
+        state = json.loads((tmp_path / name / "checkpoint-6" / "training_state.json").read_text())
+        position = ("epoch", "epoch_samples", "samples_seen")
+        assert [state[k] for k in position] == [states[name][k] for k in position] == [2, 8, 24]
+        AutoencoderKL.from_pretrained(tmp_path / name)
 
 
-def test_checkpoint_from_two_processes_resumes_on_one(workspace, tmp_path):
-    output = tmp_path / "two-then-one"
-    launch(base_args(workspace, output, 2) + ["--checkpointing_steps", "2"], num_processes=2)
-    assert (output / "checkpoint-2" / "random_states_1.pkl").is_file()  # written by rank 1
-    result = launch(base_args(workspace, output, 4) + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"])
-    assert "Resuming from" in result.stdout + result.stderr
-    assert json.loads((output / "checkpoint-4" / "training_state.json").read_text())["global_step"] == 4
-    AutoencoderKL.from_pretrained(output)
+def test_push_to_hub_creates_the_repo_before_training_and_uploads_after(workspace, tmp_path, monkeypatch):
+    import huggingface_hub
 
-
-def test_push_to_hub_reaches_the_hub_boundary(workspace, tmp_path, monkeypatch):
     import diffusers_ssreg.hub as hub
 
     calls = []
+    output = tmp_path / "push"
 
     class Repo:
-        repo_id = "someone/tiny-ssreg"
+        def __init__(self, repo_id):
+            self.repo_id = repo_id
 
     def fake_create_repo(repo_id, **kwargs):
-        calls.append(("create_repo", repo_id, kwargs))
-        return Repo()
+        checkpoints = [p for p in os.listdir(output) if p.startswith("checkpoint")] if output.exists() else []
+        calls.append(("create_repo", repo_id, kwargs, checkpoints))
+        return Repo(repo_id)
 
     def fake_upload_folder(**kwargs):
         uploaded = sorted(
@@ -189,8 +215,7 @@ def test_push_to_hub_reaches_the_hub_boundary(workspace, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "create_repo", fake_create_repo)
     monkeypatch.setattr(hub, "upload_folder", fake_upload_folder)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    output = tmp_path / "push"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the Hub calls are faked
     args = finetune_vae.parse_args(
         base_args(workspace, output, 2) + ["--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id",
                                            "someone/tiny-ssreg", "--report_to", "none"]
@@ -198,12 +223,93 @@ def test_push_to_hub_reaches_the_hub_boundary(workspace, tmp_path, monkeypatch):
     finetune_vae.main(args)
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1] == "someone/tiny-ssreg" and calls[0][2]["exist_ok"] is True
+    assert calls[0][3] == []  # created before the first checkpoint: before any training
     upload = calls[1][1]
     assert upload["repo_id"] == "someone/tiny-ssreg" and upload["folder_path"] == str(output)
     assert any(p.startswith("checkpoint-") for p in upload["ignore_patterns"])
     card = (output / "README.md").read_text()
     assert "base_model" not in card.split("---")[1]  # trained from a local config: no Hub base model
     assert "someone/tiny-ssreg" in card and "diffusers-ssreg" in card
+
+    # An unreachable Hub or a missing token fails before training, and says how to push later.
+    def unreachable(repo_id, **kwargs):
+        raise ConnectionError("Hub unreachable")
+
+    monkeypatch.setattr(hub, "create_repo", unreachable)
+    fresh = tmp_path / "unreachable"
+    args = finetune_vae.parse_args(base_args(workspace, fresh, 2) + ["--push_to_hub", "--report_to", "none"])
+    with pytest.raises(RuntimeError, match=r"could not create or reach the Hub repository 'unreachable'.*hf upload unreachable"):
+        finetune_vae.main(args)
+    assert not any(p.startswith("checkpoint") for p in os.listdir(fresh)) if fresh.exists() else True
+
+    # An upload that fails after training says the model is saved and how to push it.
+    def failing_upload(**kwargs):
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(hub, "upload_folder", failing_upload)
+    late = tmp_path / "late"
+    args = finetune_vae.parse_args(base_args(workspace, late, 1) + ["--push_to_hub", "--hub_model_id", "someone/x",
+                                                                     "--report_to", "none"])  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"The model is saved in .*late.*hf upload someone/x"):
+        finetune_vae.main(args)
+    AutoencoderKL.from_pretrained(late)
+
+
+def test_checks_before_any_work(workspace, tmp_path, monkeypatch):
+    """Offline push, a missing checkpoint, a validation folder without a readable image: errors before a model is built."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"--push_to_hub needs the Hugging Face Hub, but offline mode is on.*hf upload"):
+        finetune_vae.parse_args(base_args(workspace, tmp_path / "o", 2) + ["--push_to_hub"])
+    with pytest.raises(ValueError, match=r"`resume_from_checkpoint`='/nonexistent/checkpoint-3' is not 'latest' or an existing"):
+        finetune_vae.parse_args(base_args(workspace, tmp_path / "o", 2) + ["--resume_from_checkpoint", "/nonexistent/checkpoint-3"])
+
+    unreadable = tmp_path / "validation"
+    unreadable.mkdir()
+    whole = open(os.path.join(workspace["images"], "nested", "photo_00.png"), "rb").read()
+    for i in range(2):  # headers intact, pixels cut off: found by the scan, unreadable when decoded
+        (unreadable / f"cut_{i}.png").write_bytes(whole[: len(whole) // 3])
+    args = finetune_vae.parse_args(base_args(workspace, tmp_path / "v", 2) + ["--validation_data_dir", str(unreadable)])
+    with pytest.raises(ValueError, match=r"--validation_data_dir holds no readable image \(--validation_data_dir '.*validation'\)"):
+        finetune_vae.build_datasets(args)
+    (unreadable / "notes.txt").write_text("x")
+    for name in os.listdir(unreadable):
+        if name.endswith(".png"):
+            (unreadable / name).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"--validation_data_dir '.*validation' holds no images.*2 unreadable"):
+        finetune_vae.build_datasets(args)
+
+
+def test_another_vae_class_is_refused_by_name(workspace, tmp_path):
+    from diffusers import AutoencoderKLFlux2
+
+    AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, patch_size=(1, 1),
+    ).save_pretrained(tmp_path / "flux2")  # fmt: skip
+    for flag in ("--pretrained_model_name_or_path", "--model_config_name_or_path"):
+        args = base_args(workspace, tmp_path / "o", 2)[2:] + [flag, str(tmp_path / "flux2")]
+        with pytest.raises(ValueError, match=rf"{flag} '.*flux2' holds a model of class AutoencoderKLFlux2; supported VAE classes: AutoencoderKL"):
+            finetune_vae.main(finetune_vae.parse_args(args))
+
+
+def test_help_shows_real_defaults_and_renamed_flags_still_work(capsys):
+    with pytest.raises(SystemExit):
+        finetune_vae.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = text.split("options:", 1)[1]
+    assert "default: None" not in text
+    for flag, shown in (("--train_batch_size", "(default: 32; the offline demo: 8)"),
+                        ("--learning_rate", "(default: 1e-05; the offline demo: 0.001)"),
+                        ("--resolution", "(default: 256; the offline demo: 64)"), ("--seed", "(default: 0)")):  # fmt: skip
+        assert shown in options.split(f"{flag} {flag[2:].upper()}", 1)[1].split(" --", 1)[0], flag
+    assert "The demo changes these defaults: --resolution 64, --train_batch_size 8" in text
+    assert "--subfolder" not in text and "--use_torch_compile" not in text  # hidden aliases
+    with pytest.warns(FutureWarning, match="--subfolder is now called --vae_subfolder"):
+        args = finetune_vae.parse_args(["--subfolder", "vae", "--use_torch_compile"])
+    assert args.vae_subfolder == "vae" and args.compile is True
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The shared training layer: LR schedule, atomic checkpoints, resume resolution, NaN guard, data sources."""
 
-import math
+import json
 import os
 
 import numpy as np
@@ -133,20 +133,23 @@ def test_folder_dataset_is_recursive_converts_modes_and_skips_bad_files(tmp_path
     _photo(seed=2).convert("RGBA").save(tmp_path / "a" / "b" / "alpha.webp")
     _photo(seed=3).convert("P").save(tmp_path / "a" / "b" / "palette.png")
     (tmp_path / "a" / "broken.jpg").write_bytes(b"not an image at all")
-    truncated = (tmp_path / "one.jpg").read_bytes()[:200]
-    (tmp_path / "a" / "b" / "truncated.jpg").write_bytes(truncated)
+    whole = (tmp_path / "one.jpg").read_bytes()
+    (tmp_path / "a" / "b" / "truncated.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # the header is intact
     (tmp_path / "notes.txt").write_text("ignored")
 
-    files = ssreg_data.find_images(str(tmp_path))
-    assert len(files) == 6 and not any(f.endswith(".txt") for f in files)
+    with caplog.at_level("INFO"):
+        files = ssreg_data.find_images(str(tmp_path))
+    # the scan opens every header: broken.jpg is left out there, truncated.jpg only fails when decoded
+    assert len(files) == 5 and not any(f.endswith((".txt", "broken.jpg")) for f in files)
+    assert "used 5 images, skipped 2: 1 other file types [.txt: 1]; 1 unreadable" in caplog.text
     dataset = ssreg_data.folder_image_dataset(str(tmp_path), ssreg_data.image_transform(32, center_crop=True))
     with caplog.at_level("WARNING"):
         examples = [dataset[i] for i in range(len(dataset))]
     for example in examples:
         assert example["pixel_values"].shape == (3, 32, 32)
         assert -1.0 <= example["pixel_values"].min() and example["pixel_values"].max() <= 1.0
-    assert dataset.num_skipped == 2
-    assert "Skipping unreadable image" in caplog.text and "broken.jpg" in caplog.text
+    assert dataset.num_skipped == 1
+    assert "Skipping unreadable image" in caplog.text and "truncated.jpg" in caplog.text
 
 
 def test_bad_folders_raise(tmp_path):
@@ -266,3 +269,134 @@ def test_optimizer_step_without_clipping_measures_the_norm(fresh_accelerate_stat
     assert results[None][0] == pytest.approx(173.205, rel=1e-4)
     assert torch.allclose(results[None][1], torch.full((1, 3), -100.0))  # unclipped SGD step
     assert results[0.01][1].norm().item() == pytest.approx(0.01, rel=1e-3)  # clipped to 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared training loop: LR and data position on resume
+# ----------------------------------------------------------------------------------------------
+
+
+def test_set_scheduler_step_gives_the_schedule_of_the_step():
+    from diffusers.optimization import get_scheduler
+
+    from diffusers_ssreg.training import set_scheduler_step
+
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 1e-4}])
+    for make in (lambda: get_paper_scheduler(optimizer, 40, 1e-3),
+                 lambda: get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=40)):  # fmt: skip
+        scheduler = make()
+        by_step = [scheduler.get_last_lr()]  # the LR of every step, stepping once per update
+        for _ in range(40):
+            optimizer.step()
+            scheduler.step()
+            by_step.append(scheduler.get_last_lr())
+        for step in (0, 7, 23, 39):
+            set_scheduler_step(scheduler, step)
+            assert scheduler.get_last_lr() == pytest.approx(by_step[step])
+            assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(by_step[step])
+            scheduler.step()  # and it continues from there
+            assert scheduler.get_last_lr() == pytest.approx(by_step[step + 1])
+        assert by_step[23][1] == pytest.approx(by_step[23][0] * 0.1)  # the groups keep their ratio
+    with pytest.raises(TypeError, match="LambdaLR"):
+        set_scheduler_step(torch.optim.lr_scheduler.StepLR(optimizer, 3), 1)
+
+
+@pytest.mark.parametrize(
+    "state, batches_per_epoch, samples_per_batch, accumulation, expected",
+    [
+        ({"global_step": 5, "epoch": 1, "epoch_samples": 8}, 5, 2, 2, (1, 4, 0)),  # mid-epoch, same shape
+        ({"global_step": 3, "epoch": 0, "epoch_samples": 10}, 5, 2, 2, (1, 0, 0)),  # an epoch's last update
+        ({"global_step": 3, "epoch": 1, "epoch_samples": 4}, 2, 4, 1, (1, 1, 0)),  # saved by 2 x 2, resumed on 1 x 4
+        ({"global_step": 3, "epoch": 1, "epoch_samples": 4}, 5, 2, 1, (1, 2, 0)),  # a smaller total batch
+        ({"global_step": 1, "epoch": 0, "epoch_samples": 6}, 3, 4, 1, (0, 1, 2)),  # not a whole batch: 2 seen again
+        ({"global_step": 5}, 5, 2, 2, (1, 4, 0)),  # no recorded position: ceil(5 / 2) = 3 updates an epoch
+        ({"global_step": 4}, 5, 2, 2, (1, 2, 0)),
+    ],
+)
+def test_resume_position(state, batches_per_epoch, samples_per_batch, accumulation, expected):
+    from diffusers_ssreg.training import resume_position
+
+    assert resume_position(state, batches_per_epoch, samples_per_batch, accumulation) == expected
+
+
+def _loop_run(tmp_path, max_steps, resume=None):
+    """A tiny regression through `TrainingLoop` (10 samples, batch 2, 2 micro-batches an update); the indices it saw."""
+    import argparse
+
+    from accelerate.state import AcceleratorState
+
+    from diffusers_ssreg.training import TrainingLoop, add_training_arguments, optimizer_step, setup_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser)
+    args = parser.parse_args(
+        ["--output_dir", str(tmp_path), "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
+         "--max_train_steps", str(max_steps), "--checkpointing_steps", "4", "--logging_steps", "1", "--report_to", "none",
+         "--learning_rate", "0.1"] + (["--resume_from_checkpoint", resume] if resume else [])
+    )  # fmt: skip
+    accelerator, logging_dir = setup_accelerator(args)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = get_paper_scheduler(optimizer, max_steps, 0.1)
+    data = torch.utils.data.TensorDataset(torch.arange(10.0)[:, None])
+    loader = torch.utils.data.DataLoader(data, batch_size=2, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    model, prepared, loader = accelerator.prepare(model, optimizer, loader)
+    seen = []
+
+    def step(batch):
+        seen.append(batch[0].flatten().tolist())
+        with accelerator.accumulate(model):
+            loss = (model(batch[0] / 10) - 1).pow(2).mean()
+            accelerator.backward(loss)
+            grad_norm = optimizer_step(accelerator, prepared, scheduler, list(model.parameters()), None, loop.guard) if accelerator.sync_gradients else None
+        return {"loss": loss.detach()}, grad_norm
+
+    loop = TrainingLoop(accelerator, args, loader, scheduler, step, logging_dir)
+    loop.run()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return seen, [json.loads(line) for line in open(os.path.join(logging_dir, "train_metrics.jsonl"))], model
+
+
+def test_loop_resumes_gradient_accumulation_at_the_right_batch(tmp_path):
+    # 5 micro-batches an epoch, 2 per update: updates of 2, 2 and 1 micro-batches. checkpoint-4 lies mid-epoch 1.
+    seen, logs, model = _loop_run(tmp_path / "straight", 8)
+    assert len(seen) == 5 + 5 + 4 and [m["step"] for m in logs] == list(range(1, 9))
+    state = json.loads((tmp_path / "straight" / "checkpoint-4" / "training_state.json").read_text())
+    assert (state["epoch"], state["epoch_samples"], state["samples_seen"]) == (1, 4, 14)
+    import shutil
+
+    shutil.copytree(tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    os.makedirs(tmp_path / "resumed" / "logs")
+    with open(tmp_path / "resumed" / "logs" / "train_metrics.jsonl", "w") as f:  # with entries past the checkpoint
+        f.writelines(json.dumps(m) + "\n" for m in logs[:6])
+    resumed_seen, resumed_logs, resumed_model = _loop_run(tmp_path / "resumed", 8, resume="latest")
+    assert resumed_seen == seen[7:]  # the micro-batches after the 4th update: epoch 1's third batch onwards
+    assert [m["step"] for m in resumed_logs] == list(range(1, 9))  # each step once
+    assert [m["lr"] for m in resumed_logs] == [m["lr"] for m in logs]
+    assert torch.equal(model.weight, resumed_model.weight) and torch.equal(model.bias, resumed_model.bias)
+
+
+def test_every_process_shards_one_data_order(fresh_accelerate_state):
+    """The ranks' seeds differ (device-specific), but the epoch's order must not: else ranks shard different permutations."""
+    import argparse
+    import itertools
+
+    from accelerate.state import AcceleratorState
+
+    from diffusers_ssreg.training import add_training_arguments, setup_accelerator
+
+    parser = argparse.ArgumentParser()
+    add_training_arguments(parser)
+    args = parser.parse_args(["--seed", "3", "--report_to", "none"])
+    orders = []
+    for process_seed in (3, 4):  # what set_seed(3, device_specific=True) gives ranks 0 and 1
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator, _ = setup_accelerator(args)
+        torch.manual_seed(process_seed)
+        loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(20)), batch_size=4, shuffle=True))
+        loader.set_epoch(1)
+        orders.append([int(i) for i in itertools.chain(*loader)])
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(20))

@@ -1,25 +1,14 @@
 """Small helpers shared by the evaluation modules: optional imports, devices, JSON, progress bars."""
 
-import importlib
 import json
 import math
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Union
 
 import numpy as np
 import torch
 
-
-def require(module: str, feature: str, package: Optional[str] = None):
-    """Imports an optional (training/evaluation-only) dependency, or raises an ImportError naming the extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        package = package or module
-        raise ImportError(
-            f"{feature} needs `{package}`: install the evaluation dependencies with "
-            f"`pip install diffusers-ssreg[train]` (or `pip install {package}`)."
-        ) from error
+from ..utils import require  # noqa: F401  (one optional-import helper for the package)
 
 
 def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:

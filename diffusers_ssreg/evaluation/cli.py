@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..images import extensions_text
+from ..utils import add_deprecated_alias
 from ._utils import resolve_device, save_json
 
 
@@ -58,12 +60,13 @@ def _add_vae_and_data(parser: argparse.ArgumentParser) -> None:
                         help="AutoencoderKL: a Hub id or a local folder; repeat to compare several VAEs.")
     parser.add_argument("--vae_name", action="append", default=None,
                         help="Display name of each --vae (same count; default: the folder or repo name).")
-    parser.add_argument("--subfolder", action="append", default=None,
+    parser.add_argument("--vae_subfolder", action="append", default=None,
                         help="Subfolder of the VAE inside its repo/folder (e.g. 'vae'); one for all or one per --vae. "
                              "Local pipeline folders with a vae/ subfolder are detected.")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the VAE forward passes.")
     data = parser.add_argument_group("data (one of --data_dir / --dataset_name)")
-    data.add_argument("--data_dir", default=None, help="Folder of images (recursive), or a .npz/.npy array of uint8 images.")
+    data.add_argument("--data_dir", default=None,
+                      help=f"Folder of images (recursive; files read: {extensions_text()}), or a .npz/.npy array of uint8 images.")
     data.add_argument("--dataset_name", default=None, help="A `datasets` name or path, loaded with datasets.load_dataset.")
     data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
     data.add_argument("--dataset_split", default="validation", help="Split of --dataset_name.")
@@ -112,6 +115,7 @@ def parse_args(input_args: Optional[List[str]] = None) -> argparse.Namespace:
     for sub in (reconstruction, latent, compare):
         _add_vae_and_data(sub)
         _add_common(sub)
+        add_deprecated_alias(sub, "--subfolder", "--vae_subfolder")
     _add_reconstruction_args(reconstruction)
     _add_reconstruction_args(compare)
     _add_latent_args(latent)
@@ -153,9 +157,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.vae_name is not None and len(args.vae_name) != len(args.vae):
         raise ValueError(f"--vae_name was given {len(args.vae_name)} times but --vae {len(args.vae)} times; give one "
                          f"name per VAE or none.")
-    if args.subfolder is not None and len(args.subfolder) not in (1, len(args.vae)):
-        raise ValueError(f"--subfolder was given {len(args.subfolder)} times for {len(args.vae)} VAEs; give it once "
-                         f"(for all) or once per --vae.")
+    if args.vae_subfolder is not None and len(args.vae_subfolder) not in (1, len(args.vae)):
+        raise ValueError(f"--vae_subfolder was given {len(args.vae_subfolder)} times for {len(args.vae)} VAEs; give it "
+                         f"once (for all) or once per --vae.")
     if hasattr(args, "analyses"):
         analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
         unknown = sorted(set(analyses) - set(ANALYSES))
@@ -179,21 +183,14 @@ def resolve_subfolder(pretrained_model_name_or_path: str, subfolder: Optional[st
 
 
 def load_vae(pretrained_model_name_or_path: str, subfolder: Optional[str] = None, torch_dtype=torch.float32):
-    """`AutoencoderKL.from_pretrained(path_or_id, subfolder=...)`; a local pipeline folder's `vae/` is found on its own."""
-    from diffusers import AutoencoderKL
+    """
+    The VAE at `--vae` (`diffusers_ssreg.vae.load_vae`: its class checked before any weights load); a local
+    pipeline folder's `vae/` is found on its own.
+    """
+    from ..vae import load_vae as load
 
-    path = pretrained_model_name_or_path
-    subfolder = resolve_subfolder(path, subfolder)
-    try:
-        return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype)
-    except (OSError, ValueError, EnvironmentError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise ValueError(
-            f"could not load an AutoencoderKL from --vae {path!r}{f' (subfolder {subfolder!r})' if subfolder else ''}: "
-            f"{error}. Pass a folder with config.json and the weights, or a Hub id"
-            f"{' that is already in the Hugging Face cache (HF_HUB_OFFLINE is set)' if offline else ''}; "
-            f"use --subfolder vae for a pipeline repository."
-        ) from error
+    subfolder = resolve_subfolder(pretrained_model_name_or_path, subfolder)
+    return load(pretrained_model_name_or_path, subfolder, flag="--vae", torch_dtype=torch_dtype)
 
 
 def _vae_names(args: argparse.Namespace) -> List[str]:
@@ -235,7 +232,7 @@ def _run_vaes(args: argparse.Namespace, reconstruction: bool, latent: bool) -> D
     resolution = args.resolution or None
     source, data_description = _data_source(args)
     names = _vae_names(args)
-    subfolders = args.subfolder or [None]
+    subfolders = args.vae_subfolder or [None]
     if len(subfolders) == 1:
         subfolders = subfolders * len(args.vae)
     progress = not args.no_progress
@@ -246,7 +243,7 @@ def _run_vaes(args: argparse.Namespace, reconstruction: bool, latent: bool) -> D
         if args.lpips_net != "none":
             from ..losses import build_lpips
 
-            lpips_model = build_lpips(args.lpips_net, pretrained_backbone=True)
+            lpips_model = build_lpips(args.lpips_net, pretrained_backbone=True, how_to_skip="pass --lpips_net none to skip LPIPS")
         if args.feature_extractor != "none":
             extractor = build_feature_extractor(args.feature_extractor, inception_weights=args.inception_weights,
                                                 allow_download=not args.no_download)

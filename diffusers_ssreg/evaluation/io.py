@@ -1,9 +1,12 @@
 """Image sources for evaluation: folders, .npz/.npy arrays, `datasets` datasets and tensors, as batches in [-1, 1].
 
 Every loader yields `pixel_values` of shape `(batch_size, 3, height, width)`, float32 in [-1, 1] (the
-diffusers convention). With `resolution` set, images are resized and centre-cropped to a square the
-way ADM's evaluation data were prepared (`center_crop_arr` in openai/guided-diffusion: box-downsample
-by 2 while possible, then bicubic); without it, all images must already share one size.
+diffusers convention). Image files are read by `diffusers_ssreg.images`, the layer training uses too
+(EXIF orientation, every bit depth and mode, alpha over white, one scan summary). With `resolution` set,
+images are resized and centre-cropped to a square; the evaluation follows ADM's reference batches by
+default (`resize="adm"`, `center_crop_arr` in openai/guided-diffusion: box-downsample by 2 while
+possible, then bicubic), and `resize="bilinear"` gives the crops training uses. Without `resolution`,
+all images must already share one size.
 """
 
 import os
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import find_images
+from ..images import RESIZE_CONVENTIONS, open_image, resize_center_crop, to_rgb
 from ._utils import check_positive_int, require
 
 
@@ -27,28 +31,21 @@ ImageSource = Union[str, "os.PathLike[str]", torch.Tensor, np.ndarray, Iterable[
 # --------------------------------------------------------------------------------------------
 
 
-def list_image_files(folder: str, recursive: bool = True) -> List[str]:
+def list_image_files(folder: str, recursive: bool = True, name: Optional[str] = None) -> List[str]:
     """Sorted paths of the image files in `folder` (`diffusers_ssreg.data.find_images`); ValueError when there are none."""
-    return find_images(folder, recursive=recursive)
+    return find_images(folder, recursive=recursive, name=name)
 
 
-def center_crop_resize(image, resolution: int):
-    """Resizes a PIL image so its short side is `resolution` and centre-crops it square (ADM's `center_crop_arr`)."""
-    Image = require("PIL.Image", "image loading", package="pillow")
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    left = (image.size[0] - resolution) // 2
-    top = (image.size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+def center_crop_resize(image, resolution: int, resize: str = "adm"):
+    """Resizes a PIL image so its short side is `resolution` and centre-crops it square (`images.resize_center_crop`)."""
+    return resize_center_crop(image, resolution, resize)
 
 
-def pil_to_pixel_values(image, resolution: Optional[int] = None) -> torch.Tensor:
-    """A PIL image as a float32 tensor `(3, height, width)` in [-1, 1] (converted to RGB, optionally resized)."""
-    image = image.convert("RGB")
+def pil_to_pixel_values(image, resolution: Optional[int] = None, resize: str = "adm") -> torch.Tensor:
+    """A PIL image as a float32 tensor `(3, height, width)` in [-1, 1] (`images.to_rgb`, optionally resized)."""
+    image = to_rgb(image)
     if resolution is not None:
-        image = center_crop_resize(image, resolution)
+        image = center_crop_resize(image, resolution, resize)
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
@@ -97,46 +94,49 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     a ValueError naming both files (pass `resolution` to resize and centre-crop instead).
     """
 
-    def __init__(self, folder: str, resolution: Optional[int] = None, recursive: bool = True):
+    def __init__(self, folder: str, resolution: Optional[int] = None, recursive: bool = True, resize: str = "adm"):
         check_positive_int("resolution", resolution, allow_none=True)
+        _check_resize(resize)
         self.folder = folder
         self.files = list_image_files(folder, recursive=recursive)
-        self.resolution = resolution
+        self.resolution, self.resize = resolution, resize
         self.expected_size = None
-        if resolution is None:
-            Image = require("PIL.Image", "image loading", package="pillow")
-            with Image.open(self.files[0]) as first:
-                self.expected_size = first.size
+        if resolution is None:  # the size after EXIF orientation, as every image will be read
+            self.expected_size = open_image(self.files[0]).size
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        Image = require("PIL.Image", "image loading", package="pillow")
-        with Image.open(self.files[index]) as image:
-            if self.expected_size is not None and image.size != self.expected_size:
-                raise ValueError(
-                    f"{self.files[index]!r} is {image.size[0]}x{image.size[1]} but {self.files[0]!r} is "
-                    f"{self.expected_size[0]}x{self.expected_size[1]}: images of one set must share a size; "
-                    f"pass `resolution` (--resolution) to resize and centre-crop them."
-                )
-            return pil_to_pixel_values(image, self.resolution)
+        image = open_image(self.files[index])
+        if self.expected_size is not None and image.size != self.expected_size:
+            raise ValueError(
+                f"{self.files[index]!r} is {image.size[0]}x{image.size[1]} but {self.files[0]!r} is "
+                f"{self.expected_size[0]}x{self.expected_size[1]}: images of one set must share a size; "
+                f"pass `resolution` (--resolution) to resize and centre-crop them."
+            )
+        return pil_to_pixel_values(image, self.resolution, self.resize)
+
+
+def _check_resize(resize: str) -> None:
+    if resize not in RESIZE_CONVENTIONS:
+        raise ValueError(f"`resize` must be one of {RESIZE_CONVENTIONS}, got {resize!r}.")
 
 
 class _HFImageDataset(torch.utils.data.Dataset):
     """A map-style `datasets.Dataset` column of images as `(3, H, W)` tensors in [-1, 1]."""
 
-    def __init__(self, dataset, image_column: str, resolution: Optional[int]):
-        self.dataset, self.image_column, self.resolution = dataset, image_column, resolution
+    def __init__(self, dataset, image_column: str, resolution: Optional[int], resize: str = "adm"):
+        self.dataset, self.image_column, self.resolution, self.resize = dataset, image_column, resolution, resize
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return _item_to_pixel_values(self.dataset[index][self.image_column], self.resolution)
+        return _item_to_pixel_values(self.dataset[index][self.image_column], self.resolution, self.resize)
 
 
-def _item_to_pixel_values(item, resolution: Optional[int]) -> torch.Tensor:
+def _item_to_pixel_values(item, resolution: Optional[int], resize: str = "adm") -> torch.Tensor:
     if torch.is_tensor(item):
         item = item.float()
         return resize_center_crop_tensor(item[None], resolution)[0] if resolution else item
@@ -144,7 +144,9 @@ def _item_to_pixel_values(item, resolution: Optional[int]) -> torch.Tensor:
         item = uint8_to_pixel_values(item[None])[0] if item.dtype == np.uint8 else torch.from_numpy(item).float()
         return resize_center_crop_tensor(item[None], resolution)[0] if resolution else item
     if hasattr(item, "convert"):  # a PIL image
-        return pil_to_pixel_values(item, resolution)
+        return pil_to_pixel_values(item, resolution, resize)
+    if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a `datasets.Image(decode=False)` value
+        return pil_to_pixel_values(open_image(item), resolution, resize)
     raise TypeError(f"cannot read an image from a {type(item).__name__}; expected a PIL image, array or tensor.")
 
 
@@ -195,7 +197,7 @@ class ImageBatches:
 
     Args:
         source: one of
-            - a folder of images (recursive; png, jpg, jpeg, webp, bmp, tif);
+            - a folder of images (recursive; the extensions of `diffusers_ssreg.images.IMAGE_EXTENSIONS`);
             - a `.npz` (ADM reference/sample batch: `arr_0` uint8 `(N, H, W, 3)`) or `.npy` file;
             - a `datasets.Dataset` / `IterableDataset` (see `load_dataset_images`), read from `image_column`;
             - a float tensor `(N, 3, H, W)` in [-1, 1], or a uint8 array `(N, H, W, 3)`;
@@ -205,6 +207,9 @@ class ImageBatches:
         max_samples (`int`, *optional*): stop after this many images.
         num_workers (`int`, defaults to 0): DataLoader workers for folders and map-style datasets.
         image_column (`str`, defaults to `"image"`): the image column of a `datasets` dataset.
+        resize (`str`, defaults to `"adm"`): how PIL images are resized with `resolution`: `"adm"` follows ADM's
+            reference batches (for FID-type scores comparable with published ones), `"bilinear"` is the
+            convention of training (`diffusers_ssreg.images.resize_short_side`).
     """
 
     def __init__(
@@ -215,14 +220,16 @@ class ImageBatches:
         max_samples: Optional[int] = None,
         num_workers: int = 0,
         image_column: str = "image",
+        resize: str = "adm",
     ):
         check_positive_int("batch_size", batch_size)
         check_positive_int("resolution", resolution, allow_none=True)
         check_positive_int("max_samples", max_samples, allow_none=True)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
+        _check_resize(resize)
         self.batch_size, self.resolution, self.max_samples = batch_size, resolution, max_samples
-        self.num_workers, self.image_column = num_workers, image_column
+        self.num_workers, self.image_column, self.resize = num_workers, image_column, resize
         self.description = _describe(source)
         self._dataset = None  # a map-style torch Dataset when the source has one
         self._tensor = None
@@ -232,7 +239,7 @@ class ImageBatches:
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if os.path.isdir(path):
-                self._dataset = ImageFolderDataset(path, resolution=resolution)
+                self._dataset = ImageFolderDataset(path, resolution=resolution, resize=resize)
             elif os.path.isfile(path) and path.lower().endswith(ARRAY_EXTENSIONS):
                 self._tensor = load_array_file(path)
             elif os.path.exists(path):
@@ -260,7 +267,7 @@ class ImageBatches:
             columns = source.column_names
             if image_column not in columns:
                 raise ValueError(f"the dataset has no column `image_column`={image_column!r}; its columns are {columns}.")
-            self._dataset = _HFImageDataset(source, image_column, resolution)
+            self._dataset = _HFImageDataset(source, image_column, resolution, resize)
         elif isinstance(source, Iterable):
             self._iterable = source
         else:
@@ -326,12 +333,12 @@ class ImageBatches:
                 if isinstance(item, dict):  # rows of an IterableDataset
                     if self.image_column not in item:
                         raise ValueError(f"dataset rows have no column `image_column`={self.image_column!r}: {sorted(item)}.")
-                    item = _item_to_pixel_values(item[self.image_column], self.resolution)[None]
+                    item = _item_to_pixel_values(item[self.image_column], self.resolution, self.resize)[None]
                 elif torch.is_tensor(item):
                     item = _check_pixel_tensor(item, f"item {index} of `source`")
                     item = resize_center_crop_tensor(item, self.resolution) if self.resolution else item
                 else:
-                    item = _item_to_pixel_values(item, self.resolution)[None]
+                    item = _item_to_pixel_values(item, self.resolution, self.resize)[None]
                 pending.append(item.float())
                 if sum(t.shape[0] for t in pending) >= self.batch_size:
                     yield _concat(pending, self.description)

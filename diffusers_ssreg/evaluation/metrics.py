@@ -489,7 +489,7 @@ def evaluate_reconstruction(
     if lpips_model is None and lpips_net is not None:
         from ..losses import build_lpips
 
-        lpips_model = build_lpips(lpips_net, pretrained_backbone=True)
+        lpips_model = build_lpips(lpips_net, pretrained_backbone=True, how_to_skip="pass lpips_net=None to skip LPIPS")
     if lpips_model is not None:
         lpips_model = lpips_model.to(device).eval()
     else:
