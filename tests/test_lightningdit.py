@@ -221,8 +221,10 @@ def textbook_attention(attn, x, cos, sin):
     return attn.proj(out.transpose(1, 2).reshape(batch_size, num_tokens, -1))
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_fused_rotation_and_norms_match_the_textbook_formulas(qk_norm):
+@pytest.mark.parametrize("qk_norm,fused_norm", [(False, True), (True, True), (True, False)])
+def test_fused_rotation_and_norms_match_the_textbook_formulas(qk_norm, fused_norm, monkeypatch):
+    if not fused_norm:  # a torch without torch.nn.functional.rms_norm
+        monkeypatch.delattr(F, "rms_norm", raising=False)
     model = tiny_model(use_qk_norm=qk_norm, attention_head_dim=16)  # 8x8 latents, patch 2: a 4x4 token grid
     cos, sin = rotary_tables(16, 4)
     attn, norm = model.blocks[0].attn, model.blocks[0].norm1

@@ -65,7 +65,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)  # fused kernel in eager
+        x = hidden_states.float()
+        if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused kernel in eager; the same decomposition when compiled
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x.type_as(hidden_states) * self.weight
 
 
