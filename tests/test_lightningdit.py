@@ -475,3 +475,12 @@ def test_flow_folder_of_the_original_dit_loads_with_diffusion_pipeline_too(tmp_p
     with pytest.raises(ValueError, match="channel mismatch"):
         ld.build_output_pipeline(tiny_model(channels=8), tiny_vae, "flow", [0.0] * 8, [1.0] * 8)
 
+
+
+def test_folder_loaded_in_bfloat16_samples(tmp_path, tiny_vae_factory):
+    ld.build_output_pipeline(tiny_model(), tiny_vae_factory(use_quant_conv=False), "flow", [0.0] * 4, [1.0] * 4).save_pretrained(tmp_path)
+    pipeline = ld.load_pipeline(str(tmp_path), **dit.dtype_kwargs(torch.bfloat16))
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.transformer.dtype == torch.bfloat16
+    latents = pipeline([0, 2], guidance_scale=2.0, num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()

@@ -401,7 +401,9 @@ class LightningDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`hidden_states` must be {size}x{size} (the config's sample_size), got {height}x{width}.")
         if timestep.ndim == 0:
             timestep = timestep.expand(batch_size)
-        hidden_states = self.x_embedder(hidden_states) + self.pos_embed  # (batch_size, tokens, dim)
+        # The sin-cos table in the weights' dtype: float32 when training under autocast (a float32 residual stream,
+        # as LightningDiT's), the model's dtype when it was loaded in half precision (which leaves buffers float32).
+        hidden_states = self.x_embedder(hidden_states) + self.pos_embed.to(self.x_embedder.proj.weight.dtype)
         conditioning = self.t_embedder(timestep) + self.y_embedder(class_labels)  # (batch_size, dim)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.blocks:
