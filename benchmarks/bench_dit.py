@@ -1,24 +1,29 @@
 #!/usr/bin/env python
 """
-DiT training throughput: the stock compiled `DiTTransformer2DModel` step against train_dit.py's step and loop.
+DiT training throughput: the bare compiled model step against train_dit.py's step and loop, for one or more presets.
 
-    PYTHONPATH=. python benchmarks/bench_dit.py --device cuda --preset DiT-B/2 --batch_size 256 \
-        --latent_size 32 --latent_channels 16 --compile --mixed_precision bf16 --objectives flow ddpm \
+    PYTHONPATH=. python benchmarks/bench_dit.py --device cuda --preset DiT-B/2,LightningDiT-B/2 --batch_size 256 \
+        --latent_size 32 --latent_channels 16 --compile --mixed_precision bf16 --objectives flow \
         --steps 50 --repeats 3 --time_budget_s 60 --output_json bench_dit.json
 
-Measured in one process, on the same device, images per second (img/s = batch_size * steps / seconds):
-  - `bare`: the stock DiT (ImageNet layout: learned-sigma output, 1000 classes + null, its own label
-    dropout) under `torch.compile` and autocast, MSE against a fixed target, fused AdamW. No data, no EMA.
-  - `step/<objective>`: `diffusers_ssreg.dit.train_step`, the very function train_dit.py calls, on a
-    batch already on the device (compiled through Accelerate exactly as `train_dit.py --compile` does).
+Measured in one process, on the same device, for every preset, images per second (img/s = batch_size * steps /
+seconds) and model FLOPs utilization (MFU = 3 x forward FLOPs per image x img/s / the device's dense bf16 peak):
+  - `bare`: the model alone under `torch.compile` and autocast, MSE against a fixed target, fused AdamW; no data,
+    no EMA. DiT-*: the stock `DiTTransformer2DModel` (ImageNet layout: learned-sigma output, 1000 classes + null,
+    its own label dropout); LightningDiT-*: `LightningDiTTransformer2DModel` (velocity output, times in [0, 1]).
+  - `step/<objective>`: `diffusers_ssreg.dit.train_step`, the very function train_dit.py calls, on a batch already
+    on the device, with train_dit.py's training module (`lightningdit.build_training_module`: LightningDiT's loss for
+    LightningDiT-*), compiled through Accelerate exactly as `train_dit.py --compile` does.
   - `loop/<objective>`: train_dit.py's loop body: the in-memory latent DataLoader (random original/flip
     choice, host-to-device copy), `train_step`, the EMA update and the loss accumulation.
-Each repeat runs every measurement once (warm-up excluded); the table gives the median over repeats.
-A tiny CPU run (`--device cpu --transformer_config '{"num_layers": 1, ...}'`) exercises the same code.
+LightningDiT-* presets train the flow objective only (other objectives are skipped for them). Each repeat runs every
+measurement once (warm-up excluded); the table gives the median over repeats. A tiny CPU run (`--device cpu
+--transformer_config '{"num_layers": 1, ...}'`) exercises the same code.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,12 +33,28 @@ import torch
 import torch.nn.functional as F
 
 
+# Dense bf16 peak of the GPUs this may run on (datasheet, TFLOP/s), as benchmarks/bench_finetune.py reports MFU against.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def parse_presets(value: str):
+    """`--preset`: one preset name or several, comma-separated."""
+    from diffusers_ssreg.lightningdit import PRESETS
+
+    presets = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in presets if p not in PRESETS]
+    if not presets or unknown:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {unknown or value!r}; choose from {list(PRESETS)}.")
+    return presets
+
+
 def parse_args(input_args=None):
-    from diffusers_ssreg.dit import DIT_PRESETS, OBJECTIVES
+    from diffusers_ssreg.dit import OBJECTIVES
 
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--preset", type=str, default="DiT-B/2", choices=list(DIT_PRESETS))
+    parser.add_argument("--preset", type=parse_presets, default=["DiT-B/2"],
+                        help="A preset or several, comma-separated (e.g. DiT-B/2,LightningDiT-B/2), measured in one run.")
     parser.add_argument("--transformer_config", type=str, default=None, help="JSON overrides of the preset (tiny CPU runs).")
     parser.add_argument("--objectives", type=str, nargs="+", default=["flow"], choices=list(OBJECTIVES))
     parser.add_argument("--batch_size", type=int, default=256)
@@ -49,6 +70,8 @@ def parse_args(input_args=None):
     parser.add_argument("--num_cached_samples", type=int, default=None, help="Latents held for the loop (default 32 batches).")
     parser.add_argument("--dataloader_num_workers", type=int, default=2)
     parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="The device's dense bf16 peak for MFU (default: the datasheet value of an H100, H200 or A100).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_json", type=str, default="bench_dit.json")
     parser.add_argument("--output_markdown", type=str, default=None, help="Default: --output_json with .md.")
@@ -56,6 +79,8 @@ def parse_args(input_args=None):
     for name in ("batch_size", "latent_size", "latent_channels", "num_classes", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak_tflops must be positive, got {args.peak_tflops}.")
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup_steps must be >= 0, got {args.warmup_steps}.")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,20 +139,26 @@ def warm_up(step_fn, args, device) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def bare_step(args, overrides, device):
-    """The stock compiled DiT step: model(x, t, y) -> MSE -> backward -> fused AdamW."""
-    from diffusers import DiTTransformer2DModel
-    from diffusers_ssreg.dit import dit_config
+def bare_step(preset, args, overrides, device):
+    """The bare compiled model step: model(x, t, y) -> MSE -> backward -> fused AdamW. Returns (step, model config)."""
+    from diffusers_ssreg import lightningdit as ld
 
-    config = dit_config(args.preset, args.latent_channels, args.latent_size, "ddpm", min(args.num_classes, 1000), overrides)
-    model = DiTTransformer2DModel(**config).to(device).train()
+    if ld.is_lightningdit(preset):  # velocity output, flow times in [0, 1]
+        num_classes = args.num_classes
+        model = ld.build_transformer(preset, args.latent_channels, args.latent_size, num_classes, "flow", overrides)
+        timesteps = torch.rand((args.batch_size,), device=device)
+    else:  # the stock ImageNet DiT: learned sigma, 1000 classes, integer timesteps
+        num_classes = min(args.num_classes, 1000)
+        model = ld.build_transformer(preset, args.latent_channels, args.latent_size, num_classes, "ddpm", overrides)
+        timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     forward = torch.compile(model) if args.compile else model
     shape = (args.batch_size, args.latent_channels, args.latent_size, args.latent_size)
     latents = torch.randn(shape, device=device)
-    timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
-    labels = torch.randint(0, min(args.num_classes, 1000), (args.batch_size,), device=device)
-    target = torch.randn((args.batch_size, config["out_channels"], args.latent_size, args.latent_size), device=device)
+    labels = torch.randint(0, num_classes, (args.batch_size,), device=device)
+    out_channels = model.config.out_channels or args.latent_channels
+    target = torch.randn((args.batch_size, out_channels, args.latent_size, args.latent_size), device=device)
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
 
     def step():
@@ -137,31 +168,31 @@ def bare_step(args, overrides, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, sum(p.numel() for p in model.parameters())
+    return step, model.config
 
 
-def ours(objective, args, overrides, accelerator, device):
-    """train_dit.py's step and loop for one objective: (step_fn on a device batch, loop_fn over the DataLoader)."""
-    from diffusers import DiTTransformer2DModel
+def ours(preset, objective, args, overrides, accelerator, device):
+    """train_dit.py's step and loop for a preset and objective: (step_fn on a device batch, loop_fn, model config)."""
     from diffusers.optimization import get_scheduler
-    from diffusers_ssreg.dit import DiTTrainingLoss, LatentDataset, create_ema, dit_config, latent_dataloader, train_step
+
+    from diffusers_ssreg import lightningdit as ld
+    from diffusers_ssreg.dit import LatentDataset, latent_dataloader, train_step
     from diffusers_ssreg.training import NonFiniteGuard
 
-    config = dit_config(args.preset, args.latent_channels, args.latent_size, objective, args.num_classes, overrides)
-    transformer = DiTTransformer2DModel(**config)
     channels = args.latent_channels
-    model = DiTTrainingLoss(transformer, objective, [0.0] * channels, [1.0] * channels)
+    transformer = ld.build_transformer(preset, channels, args.latent_size, args.num_classes, objective, overrides)
+    model = ld.build_training_module(transformer, objective, [0.0] * channels, [1.0] * channels)  # the preset's loss
     parameters = list(transformer.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0, fused=True)  # as train_dit.py
     lr_scheduler = get_scheduler("constant", optimizer)
-    ema = create_ema(transformer, args.ema_decay)
+    ema = ld.create_transformer_ema(transformer, args.ema_decay)
     ema.to(device)
 
     generator = torch.Generator().manual_seed(args.seed)
     cache = torch.randn((args.num_cached_samples, 2, channels, args.latent_size, args.latent_size), generator=generator)
     cache_labels = torch.randint(0, args.num_classes, (args.num_cached_samples,), generator=generator)
-    dataset = LatentDataset(cache.to(torch.float16), cache_labels)
-    loader = latent_dataloader(dataset, args.batch_size, args.dataloader_num_workers)
+    dataset = LatentDataset(cache.to(torch.float16), cache_labels, seed=args.seed)
+    loader = latent_dataloader(dataset, args.batch_size, args.dataloader_num_workers, seed=args.seed)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     model.train()
     guard = NonFiniteGuard(5)
@@ -177,6 +208,7 @@ def ours(objective, args, overrides, accelerator, device):
             return next(state["iterator"])
         except StopIteration:
             state["epoch"] += 1
+            dataset.set_epoch(state["epoch"])
             loader.set_epoch(state["epoch"])
             state["iterator"] = iter(loader)
             return next(state["iterator"])
@@ -187,7 +219,7 @@ def ours(objective, args, overrides, accelerator, device):
         loss_sum += output.loss
         ema.step(parameters)
 
-    return step, loop
+    return step, loop, transformer.config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,21 +242,32 @@ def environment(device) -> dict:
     return info
 
 
+def peak_tflops(args, environment_info) -> float:
+    """`--peak_tflops`, else the datasheet dense bf16 peak of the device (NaN when unknown: no MFU)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if environment_info["device"] != "cuda":
+        return float("nan")
+    return next((v for k, v in PEAK_TFLOPS.items() if k in environment_info["device_name"]), float("nan"))
+
+
 def markdown_table(report: dict) -> str:
-    bare = report["summary"]["bare"]["img_per_s"]
+    config = report["config"]
+    size = config["latent_size"]
     lines = [
-        f"DiT throughput, {report['config']['preset']} on {report['config']['latent_channels']}x"
-        f"{report['config']['latent_size']}x{report['config']['latent_size']} latents, batch {report['config']['batch_size']}, "
-        f"{report['config']['mixed_precision']}, compile={report['config']['compile']}, "
-        f"{report['environment']['device_name']} (median of {report['config']['repeats']}):",
+        f"DiT training throughput on {config['latent_channels']}x{size}x{size} latents, batch {config['batch_size']}, "
+        f"{config['mixed_precision']}, compile={config['compile']}, {report['environment']['device_name']} "
+        f"(median of {config['repeats']}; MFU against {report['peak_tflops']} TFLOP/s):",
         "",
-        "| measurement | img/s | ms/step | vs bare | peak GiB |",
-        "|---|---:|---:|---:|---:|",
+        "| preset | measurement | img/s | ms/step | vs bare | MFU | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, result in report["summary"].items():
-        memory = f"{result['peak_memory_gib']:.1f}" if "peak_memory_gib" in result else "-"
-        speed = f"{result['img_per_s']:.1f} | {result['ms_per_step']:.2f} | {result['img_per_s'] / bare:.3f}"
-        lines.append(f"| {name} | {speed} | {memory} |")
+    for preset, measurements in report["presets"].items():
+        for name, result in measurements["summary"].items():
+            memory = f"{result['peak_memory_gib']:.1f}" if "peak_memory_gib" in result else "-"
+            mfu = f"{100 * result['mfu']:.1f} %" if math.isfinite(result["mfu"]) else "-"
+            speed = f"{result['img_per_s']:.1f} | {result['ms_per_step']:.2f} | {result['vs_bare']:.3f}"
+            lines.append(f"| {preset} | {name} | {speed} | {mfu} | {memory} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,6 +275,7 @@ def main(args):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from diffusers_ssreg import lightningdit as ld
     from diffusers_ssreg.dit import load_config_overrides
 
     torch.manual_seed(args.seed)
@@ -243,36 +287,51 @@ def main(args):
         dynamo_backend="inductor" if args.compile else "no",
     )
     device = accelerator.device
+    environment_info = environment(device)
+    peak = peak_tflops(args, environment_info)
 
-    functions, warmup_seconds = {}, {}
-    functions["bare"], num_parameters = bare_step(args, overrides, device)
-    for objective in args.objectives:
-        functions[f"step/{objective}"], functions[f"loop/{objective}"] = ours(objective, args, overrides, accelerator, device)
-    for name, function in functions.items():
-        warmup_seconds[name] = warm_up(function, args, device)
-        print(f"warm-up {name}: {warmup_seconds[name]:.1f} s", flush=True)
+    functions, configs, warmup_seconds = {}, {}, {}
+    for preset in args.preset:
+        functions[preset, "bare"], configs[preset, "bare"] = bare_step(preset, args, overrides, device)
+        for objective in args.objectives:
+            if ld.is_lightningdit(preset) and objective != "flow":
+                print(f"{preset} trains the flow objective only: {objective} skipped.", flush=True)
+                continue
+            step, loop, config = ours(preset, objective, args, overrides, accelerator, device)
+            functions[preset, f"step/{objective}"], functions[preset, f"loop/{objective}"] = step, loop
+            configs[preset, f"step/{objective}"] = configs[preset, f"loop/{objective}"] = config
+    for key, function in functions.items():
+        warmup_seconds[key] = warm_up(function, args, device)
+        print(f"warm-up {' '.join(key)}: {warmup_seconds[key]:.1f} s", flush=True)
 
-    rounds = {name: [] for name in functions}
+    rounds = {key: [] for key in functions}
     for repeat in range(args.repeats):
-        for name, function in functions.items():
+        for key, function in functions.items():
             result = measure(function, args, device)
-            rounds[name].append(result)
+            rounds[key].append(result)
             speed = f"{result['img_per_s']:.1f} img/s ({result['ms_per_step']:.2f} ms/step)"
-            print(f"[{repeat + 1}/{args.repeats}] {name}: {speed}", flush=True)
-    summary = {}
-    for name, results in rounds.items():
+            print(f"[{repeat + 1}/{args.repeats}] {' '.join(key)}: {speed}", flush=True)
+
+    presets = {}
+    for (preset, name), results in rounds.items():
         median = statistics.median(r["img_per_s"] for r in results)
-        summary[name] = {"img_per_s": median, "ms_per_step": 1000 * args.batch_size / median}
+        flops = ld.forward_flops_per_image(configs[preset, name])
+        entry = {"img_per_s": median, "ms_per_step": 1000 * args.batch_size / median, "forward_flops_per_image": flops,
+                 "mfu": ld.model_flops_utilization(flops, median, peak * 1e12) if math.isfinite(peak) else float("nan")}  # fmt: skip
         if "peak_memory_gib" in results[0]:
-            summary[name]["peak_memory_gib"] = max(r["peak_memory_gib"] for r in results)
+            entry["peak_memory_gib"] = max(r["peak_memory_gib"] for r in results)
+        summary = presets.setdefault(preset, {"summary": {}, "rounds": {}, "warmup_seconds": {}})
+        summary["summary"][name], summary["rounds"][name] = entry, results
+        summary["warmup_seconds"][name] = warmup_seconds[preset, name]
+    for measurements in presets.values():
+        bare = measurements["summary"]["bare"]["img_per_s"]
+        for entry in measurements["summary"].values():
+            entry["vs_bare"] = entry["img_per_s"] / bare
     report = {
-        "environment": environment(device),
+        "environment": environment_info,
         "config": {k: v for k, v in vars(args).items() if k not in ("output_json", "output_markdown")},
-        "num_parameters": num_parameters,
-        "warmup_seconds": warmup_seconds,
-        "rounds": rounds,
-        "summary": summary,
-        "ratios_vs_bare": {name: s["img_per_s"] / summary["bare"]["img_per_s"] for name, s in summary.items()},
+        "peak_tflops": peak,
+        "presets": presets,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
     with open(args.output_json, "w") as f:

@@ -316,15 +316,23 @@ class LatentDataset(torch.utils.data.Dataset):
     Cached latents held in memory, served a whole batch at a time (`__getitems__`): one gather, no
     per-item Python. Each item is the original latent or its flipped copy, chosen at random.
 
+    The choice for item i in epoch e is a function of (`seed`, e, i) alone (call `set_epoch` every epoch):
+    no draw from the global random generator, so a resumed run, any number of processes and any data-loader
+    workers and prefetching all serve the views an uninterrupted run serves. The epoch lives in shared memory,
+    which persistent data-loader workers see too.
+
     Args:
         latents (`torch.Tensor`): `(num_samples, num_views, latent_channels, height, width)`, views = 1 or 2
             (original, horizontally flipped image).
         class_labels (`torch.Tensor`, *optional*): `(num_samples,)` int64.
         metadata (`dict`, *optional*): the cache's `latent_stats.json`.
         random_flip (`bool`, defaults to `True`): pick a random view per item (else always the original).
+        seed (`int`, defaults to 0): seeds the views of every epoch.
     """
 
-    def __init__(self, latents: torch.Tensor, class_labels=None, metadata: Optional[dict] = None, random_flip=True):
+    def __init__(
+        self, latents: torch.Tensor, class_labels=None, metadata: Optional[dict] = None, random_flip=True, seed: int = 0
+    ):
         if latents.ndim != 5 or latents.shape[1] not in (1, 2):
             raise ValueError(f"`latents` must be (num_samples, 1 or 2 views, C, h, w), got {tuple(latents.shape)}.")
         if len(latents) == 0:
@@ -334,9 +342,23 @@ class LatentDataset(torch.utils.data.Dataset):
         self.latents, self.class_labels = latents, class_labels
         self.metadata = dict(metadata or {})
         self.random_flip = random_flip and latents.shape[1] == 2
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self._views = (None, None)  # (epoch, the epoch's view of every item)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose random views `__getitems__` serves."""
+        self._epoch.fill_(int(epoch))
+
+    def views(self, epoch: int) -> torch.Tensor:
+        """The view (0: original, 1: flipped) of every item in `epoch`, `(num_samples,)` int64."""
+        if self._views[0] != epoch:
+            generator = torch.Generator().manual_seed(hash((self.seed, epoch)) % (2**63))
+            self._views = (epoch, torch.randint(0, 2, (len(self.latents),), generator=generator))
+        return self._views[1]
 
     @classmethod
-    def from_cache(cls, cache_dir: str, random_flip: bool = True) -> "LatentDataset":
+    def from_cache(cls, cache_dir: str, random_flip: bool = True, seed: int = 0) -> "LatentDataset":
         """Loads every shard of a complete cache written by `examples/cache_latents.py` into memory."""
         if not os.path.isdir(cache_dir):
             raise ValueError(f"latent cache folder {cache_dir!r} does not exist: run examples/cache_latents.py first.")
@@ -367,7 +389,7 @@ class LatentDataset(torch.utils.data.Dataset):
             if labels is not None:
                 labels[start : start + size[0]] = shard["class_labels"]
             start += size[0]
-        return cls(latents, labels, metadata, random_flip)
+        return cls(latents, labels, metadata, random_flip, seed)
 
     @property
     def latent_channels(self) -> int:
@@ -389,7 +411,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
         if self.random_flip:
-            view = torch.randint(0, 2, (len(index),))
+            view = self.views(int(self._epoch))[index]
         else:
             view = torch.zeros(len(index), dtype=torch.long)
         batch = {"latents": self.latents[index, view]}
@@ -405,8 +427,14 @@ def _batch_collate(batch):
     return batch  # `__getitems__` already returns a collated batch
 
 
-def latent_dataloader(dataset: LatentDataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, pin_memory=None):
-    """A DataLoader of whole batches gathered in one indexing op; `drop_last` so every step has `batch_size`."""
+def latent_dataloader(
+    dataset: LatentDataset, batch_size: int, num_workers: int = 0, shuffle: bool = True, pin_memory=None, seed: int = 0
+):
+    """
+    A DataLoader of whole batches gathered in one indexing op; `drop_last` so every step has `batch_size`. It has
+    its own generator (seeded by `seed`): starting an epoch's iterator never draws from the global random
+    generator, so a resumed run's model randomness continues exactly where the checkpoint left it.
+    """
     if len(dataset) < batch_size:
         raise ValueError(f"{len(dataset)} cached latents make no full batch of {batch_size}: lower --train_batch_size.")
     return torch.utils.data.DataLoader(
@@ -419,6 +447,7 @@ def latent_dataloader(dataset: LatentDataset, batch_size: int, num_workers: int 
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -667,8 +696,13 @@ def build_pipeline(
     return pipeline
 
 
-def write_normalization_file(folder: str, objective: str, mode: str, latents_mean, latents_std, source_vae_config) -> None:
-    """Records in the pipeline folder how latents were normalized (the VAE folder holds the working copy)."""
+def write_normalization_file(
+    folder: str, objective: str, mode: str, latents_mean, latents_std, source_vae_config, pipeline_class=None
+) -> None:
+    """
+    Records in the pipeline folder how latents were normalized (the VAE folder holds the working copy);
+    `pipeline_class` names the flow pipeline that decodes with them (default `DiTFlowPipeline`).
+    """
     info = {
         "objective": objective,
         "latent_normalization": mode,
@@ -676,7 +710,9 @@ def write_normalization_file(folder: str, objective: str, mode: str, latents_mea
         "latents_std": list(latents_std),
         "source_vae_scaling_factor": source_vae_config.get("scaling_factor"),
         "source_vae_shift_factor": source_vae_config.get("shift_factor"),
-        "vae_decode": "post_quant_conv de-normalizes (DiTPipeline)" if objective == "ddpm" else "vae config (DiTFlowPipeline)",
+        "vae_decode": "post_quant_conv de-normalizes (DiTPipeline)"
+        if objective == "ddpm"
+        else f"vae config ({pipeline_class or 'DiTFlowPipeline'})",
     }
     with open(os.path.join(folder, NORMALIZATION_FILE), "w") as f:
         json.dump(info, f, indent=2)

@@ -2,9 +2,12 @@
 """
 Generate N images per class from a DiT pipeline folder (train_dit.py's output) for `ssreg-eval`.
 
-    accelerate launch examples/sample_dit.py --pretrained_model_name_or_path dit-b2-flux-ssreg \
-        --num_images_per_class 50 --output_dir samples/dit-b2-flux-ssreg --output_npz samples/dit-b2-flux-ssreg.npz
+    accelerate launch examples/sample_dit.py --pretrained_model_name_or_path lightningdit-b2-flux-ssreg \
+        --num_images_per_class 50 --output_dir samples/lightningdit-b2 --output_npz samples/lightningdit-b2.npz
 
+The folder may hold a `LightningDiTPipeline` (`--preset LightningDiT-*`: its defaults are LightningDiT's sampler,
+249 Euler steps on the shifted grid, `--guidance_interval` and `--guidance_channels` apply), a `DiTFlowPipeline` or
+a stock `DiTPipeline`.
 Images are PNG files `<class>_<index>.png` in `--output_dir` (ssreg-eval reads the folder);
 `--output_npz` also packs them into ADM's layout (`arr_0`: uint8 `(N, H, W, 3)`, `labels`: `(N,)`).
 Image (class c, index i) always starts from the same noise (a CPU generator seeded by seed, c, i),
@@ -30,18 +33,21 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusers_ssreg.dit import dtype_kwargs, load_dit_pipeline, pipeline_num_classes
+from diffusers_ssreg import lightningdit as ld
+from diffusers_ssreg.dit import dtype_kwargs
 
 
 logger = get_logger(__name__, log_level="INFO")
 
-SCHEDULERS = {  # name: (pipeline class it fits, scheduler class, config overrides)
-    "euler": ("DiTFlowPipeline", FlowMatchEulerDiscreteScheduler, {}),
-    "heun": ("DiTFlowPipeline", FlowMatchHeunDiscreteScheduler, {}),
-    "dpm": ("DiTPipeline", DPMSolverMultistepScheduler, {"variance_type": None}),
-    "ddim": ("DiTPipeline", DDIMScheduler, {"clip_sample": False}),
-    "ddpm": ("DiTPipeline", DDPMScheduler, {"variance_type": "fixed_small", "clip_sample": False}),
+FLOW_PIPELINES = ("DiTFlowPipeline", "LightningDiTPipeline")
+SCHEDULERS = {  # name: (pipeline classes it fits, scheduler class, config overrides)
+    "euler": (FLOW_PIPELINES, FlowMatchEulerDiscreteScheduler, {}),
+    "heun": (FLOW_PIPELINES, FlowMatchHeunDiscreteScheduler, {}),
+    "dpm": (("DiTPipeline",), DPMSolverMultistepScheduler, {"variance_type": None}),
+    "ddim": (("DiTPipeline",), DDIMScheduler, {"clip_sample": False}),
+    "ddpm": (("DiTPipeline",), DDPMScheduler, {"variance_type": "fixed_small", "clip_sample": False}),
 }
+DEFAULT_INFERENCE_STEPS = {"LightningDiTPipeline": ld.LightningDiTRecipe.num_inference_steps}  # others: 50
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,15 +59,24 @@ def parse_args(input_args=None):
     parser.add_argument("--num_images_per_class", type=int, default=50, help="50 x 1000 classes = the 50K of FID-50K.")
     parser.add_argument("--classes", type=int, nargs="+", default=None, help="Class indices (default: all trained classes).")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per pipeline call (per process).")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Default: 249 for a LightningDiTPipeline (LightningDiT's 250-point grid), else 50.")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="1: no guidance (the paper's setting).")
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="LightningDiTPipeline: guide only where sigma (1: noise, 0: data) is in [LOW, HIGH] "
+                        "(default: the pipeline's, LightningDiT's 0 0.89).")
+    parser.add_argument("--guidance_channels", type=int, default=None,
+                        help="LightningDiTPipeline: guide only the first N latent channels (3: LightningDiT's "
+                        "inference.py; default: all).")
     parser.add_argument("--scheduler", type=str, default=None, choices=sorted(SCHEDULERS), help="Default: the folder's.")
     parser.add_argument("--torch_dtype", type=str, default="float32", choices=sorted(DTYPES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(input_args)
-    for name in ("num_images_per_class", "batch_size", "num_inference_steps"):
-        if getattr(args, name) < 1:
+    for name in ("num_images_per_class", "batch_size", "num_inference_steps", "guidance_channels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.guidance_interval is not None and not 0.0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1.0:
+        raise ValueError(f"--guidance_interval must be LOW HIGH with 0 <= LOW <= HIGH <= 1, got {args.guidance_interval}.")
     if args.output_npz is not None and not args.output_npz.endswith(".npz"):
         raise ValueError(f"--output_npz must end with .npz, got {args.output_npz!r}.")
     if args.classes is not None and min(args.classes) < 0:
@@ -83,19 +98,36 @@ def set_scheduler(pipeline, name):
     if name is None:
         return
     fits, scheduler_class, overrides = SCHEDULERS[name]
-    if type(pipeline).__name__ != fits:
-        raise ValueError(f"--scheduler {name} is for a {fits}, but the folder holds a {type(pipeline).__name__}.")
+    if type(pipeline).__name__ not in fits:
+        raise ValueError(f"--scheduler {name} is for a {' or '.join(fits)}, but the folder holds a {type(pipeline).__name__}.")
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **overrides)
+
+
+def sampler_kwargs(pipeline, args) -> dict:
+    """The pipeline call's sampler arguments; ValueError for LightningDiT's options on another pipeline."""
+    name = type(pipeline).__name__
+    kwargs = {"num_inference_steps": args.num_inference_steps or DEFAULT_INFERENCE_STEPS.get(name, 50)}
+    for flag in ("guidance_interval", "guidance_channels"):
+        if getattr(args, flag) is None:
+            continue
+        if name != "LightningDiTPipeline":
+            raise ValueError(f"--{flag} applies to a LightningDiTPipeline, but the folder holds a {name}.")
+        kwargs[flag] = tuple(args.guidance_interval) if flag == "guidance_interval" else args.guidance_channels
+    if "guidance_channels" in kwargs and kwargs["guidance_channels"] > pipeline.transformer.config.in_channels:
+        raise ValueError(f"--guidance_channels {args.guidance_channels} exceeds the "
+                         f"{pipeline.transformer.config.in_channels} latent channels.")  # fmt: skip
+    return kwargs
 
 
 def main(args):
     accelerator = Accelerator()  # (not PartialState: Accelerator honours ACCELERATE_USE_CPU for several CPU processes)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    pipeline = load_dit_pipeline(args.pretrained_model_name_or_path, **dtype_kwargs(DTYPES[args.torch_dtype]))
+    pipeline = ld.load_pipeline(args.pretrained_model_name_or_path, **dtype_kwargs(DTYPES[args.torch_dtype]))
     set_scheduler(pipeline, args.scheduler)
+    sampler = sampler_kwargs(pipeline, args)
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    num_classes = pipeline_num_classes(pipeline)
+    num_classes = ld.pipeline_num_classes(pipeline)
     classes = args.classes if args.classes is not None else list(range(num_classes))
     if max(classes) >= num_classes:
         raise ValueError(f"--classes {classes} go beyond the {num_classes} classes the DiT was trained on.")
@@ -111,7 +143,7 @@ def main(args):
             generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, c, i)) for c, i in chunk]
             images = pipeline(
                 class_labels=[c for c, _ in chunk], guidance_scale=args.guidance_scale, generator=generators,
-                num_inference_steps=args.num_inference_steps, output_type="np",
+                output_type="np", **sampler,
             ).images  # fmt: skip
             for (c, i), image in zip(chunk, images):
                 path = image_path(args.output_dir, c, i)
@@ -124,7 +156,7 @@ def main(args):
     if accelerator.is_main_process:
         manifest = {
             "pipeline": args.pretrained_model_name_or_path, "pipeline_class": type(pipeline).__name__,
-            "scheduler": type(pipeline.scheduler).__name__, "num_inference_steps": args.num_inference_steps,
+            "scheduler": type(pipeline.scheduler).__name__, **sampler,
             "guidance_scale": args.guidance_scale, "seed": args.seed, "classes": classes,
             "num_images_per_class": args.num_images_per_class, "num_images": len(jobs), "torch_dtype": args.torch_dtype,
         }  # fmt: skip

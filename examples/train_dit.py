@@ -2,15 +2,17 @@
 """
 Train a class-conditional DiT on cached VAE latents: the generation benchmark of arXiv 2604.11089.
 
-    accelerate launch examples/train_dit.py --latents_dir latents/flux-ssreg-256 --preset DiT-B/2 \
-        --objective flow --mixed_precision bf16 --train_batch_size 32 --max_train_steps 80000 \
-        --output_dir dit-b2-flux-ssreg
+    accelerate launch examples/train_dit.py --latents_dir latents/flux-ssreg-256 --preset LightningDiT-B/2 \
+        --train_batch_size 32 --max_train_steps 80000 --output_dir lightningdit-b2-flux-ssreg
 
-The output folder is a diffusers pipeline. `--objective ddpm` (DiT's epsilon + learned sigma) saves a
-stock `DiTPipeline` (`DiTPipeline.from_pretrained(output_dir)`); `--objective flow` (rectified flow,
-logit-normal timesteps, LightningDiT-style) saves a `diffusers_ssreg.pipelines.DiTFlowPipeline`. Both
-decode with the latent normalization undone (docs/dit.md). The exported DiT holds the EMA weights;
-`checkpoint-*` folders hold Accelerate state with `transformer/` and `transformer_ema/` subfolders.
+`--preset LightningDiT-*` trains the paper's model (Sec. 5: DiT-B/2 with LightningDiT's changes) with
+LightningDiT's recipe as defaults (`diffusers_ssreg.lightningdit.LightningDiTRecipe`: AdamW 2e-4 betas
+(0.9, 0.95), EMA 0.9999, bf16, logit-normal times, MSE + cosine loss) and saves a `LightningDiTPipeline`.
+`--preset DiT-*` trains diffusers' own `DiTTransformer2DModel`: `--objective ddpm` (DiT's epsilon + learned
+sigma) saves a stock `DiTPipeline`, `--objective flow` (rectified flow, logit-normal timesteps) a
+`DiTFlowPipeline`. Every flag left unset takes the preset's default; all pipelines decode with the latent
+normalization undone (docs/dit.md). The exported transformer holds the EMA weights; `checkpoint-*` folders
+hold Accelerate state with `transformer/` and `transformer_ema/` subfolders.
 """
 
 import argparse
@@ -20,21 +22,17 @@ import os
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from PIL import Image
 
+from diffusers_ssreg import lightningdit as ld
 from diffusers_ssreg.dit import (
-    DIT_PRESETS,
     NORMALIZATIONS,
     OBJECTIVES,
-    DiTTrainingLoss,
     LatentDataset,
-    build_pipeline,
-    create_ema,
-    dit_config,
     latent_dataloader,
     load_config_overrides,
     train_step,
@@ -62,6 +60,15 @@ logger = get_logger(__name__, log_level="INFO")
 # ----------------------------------------------------------------------------------------------
 
 
+def recipe_help(text: str, flag: str) -> str:
+    """`text` followed by the flag's default for each kind of preset (`lightningdit.recipe_defaults`)."""
+    ours, dit = ld.recipe_defaults("LightningDiT-B/2")[flag], ld.recipe_defaults("DiT-B/2")[flag]
+    if ours == dit:
+        return f"{text} (default: {ours})"
+    dit = "Accelerate's configuration" if dit is None else dit
+    return f"{text} (default: {ours} for LightningDiT-*, {dit} for DiT-*)"
+
+
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=HelpFormatter)
     # data and model
@@ -70,36 +77,65 @@ def parse_args(input_args=None):
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                         help="The VAE of the exported pipeline (default: the VAE the cache was made with).")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE, e.g. 'vae' in a pipeline repo.")
-    parser.add_argument("--preset", type=str, default="DiT-B/2", choices=list(DIT_PRESETS), help="The paper: DiT-B/2.")
+    parser.add_argument("--preset", type=str, default="DiT-B/2", choices=list(ld.PRESETS),
+                        help="DiT-*: diffusers' DiTTransformer2DModel; LightningDiT-*: the paper's model and recipe (docs/dit.md).")
     parser.add_argument("--transformer_config", type=str, default=None,
-                        help="JSON (a string or a file) of DiTTransformer2DModel config overrides, e.g. '{\"num_layers\": 2}'.")
-    parser.add_argument("--objective", type=str, default="flow", choices=list(OBJECTIVES),
-                        help="flow: rectified flow, velocity, logit-normal sigmas (LightningDiT); "
-                        "ddpm: epsilon + learned sigma (DiT).")
-    parser.add_argument("--latent_normalization", type=str, default="channel", choices=list(NORMALIZATIONS),
-                        help="channel: the cache's per-channel mean/std; vae: the VAE's scaling_factor and shift_factor.")
-    parser.add_argument("--class_dropout_prob", type=float, default=0.1, help="Label dropout for classifier-free guidance.")
+                        help="JSON (a string or a file) of transformer config overrides, e.g. '{\"num_layers\": 2}'.")
+    parser.add_argument("--objective", type=str, default=None, choices=list(OBJECTIVES),
+                        help=recipe_help("flow: rectified flow, velocity, logit-normal sigmas (LightningDiT trains only "
+                                         "this); ddpm: epsilon + learned sigma (DiT).", "objective"))
+    parser.add_argument("--latent_normalization", type=str, default=None, choices=list(NORMALIZATIONS),
+                        help=recipe_help("channel: the cache's per-channel mean/std; vae: the VAE's scaling_factor and "
+                                         "shift_factor.", "latent_normalization"))
+    parser.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                        help=recipe_help("Train on the cached flipped latent half of the time.", "random_flip"))
+    parser.add_argument("--class_dropout_prob", type=float, default=None,
+                        help=recipe_help("Label dropout for classifier-free guidance.", "class_dropout_prob"))
     parser.add_argument("--unconditional", action="store_true", help="Ignore class labels (one class).")
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="Flow: mean of the logit-normal sigmas.")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="Flow: std of the logit-normal sigmas.")
+    parser.add_argument("--logit_mean", type=float, default=None,
+                        help=recipe_help("Flow: mean of the logit-normal sigmas.", "logit_mean"))
+    parser.add_argument("--logit_std", type=float, default=None,
+                        help=recipe_help("Flow: std of the logit-normal sigmas.", "logit_std"))
+    parser.add_argument("--cosine_loss_weight", type=float, default=None,
+                        help=recipe_help("LightningDiT: weight of the velocity-direction (cosine) loss term.", "cosine_loss_weight"))
     # optimization
-    parser.add_argument("--lr_scheduler", type=str, default="constant", help="A diffusers get_scheduler name.")
+    parser.add_argument("--lr_scheduler", type=str, default=None,
+                        help=recipe_help("A diffusers get_scheduler name.", "lr_scheduler"))
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimizer steps of --lr_scheduler.")
-    parser.add_argument("--ema_decay", type=float, default=0.9999, help="Constant EMA decay (0 exports the raw weights).")
+    parser.add_argument("--ema_decay", type=float, default=None,
+                        help=recipe_help("Constant EMA decay (0 exports the raw weights).", "ema_decay"))
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward (through Accelerate).")
     parser.add_argument("--validation_guidance_scale", type=float, default=1.0, help="Guidance of the sample grids.")
     parser.add_argument("--validation_inference_steps", type=int, default=50, help="Sampling steps of the sample grids.")
     add_training_arguments(
-        parser, output_dir="dit-output", max_train_steps=80_000, learning_rate=1e-4, dataloader_num_workers=2,
-        logging_steps=100, num_validation_images=16, checkpointing_steps=5000,
+        parser, output_dir="dit-output", max_train_steps=80_000, learning_rate=None, adam_beta1=None, adam_beta2=None,
+        adam_weight_decay=None, dataloader_num_workers=2, logging_steps=100, num_validation_images=16,
+        checkpointing_steps=5000,
     )  # DiT: batch 32 per device (256 in total), 80K steps as the paper, no clipping
+    for flag in ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "mixed_precision"):
+        action = next(a for a in parser._actions if a.dest == flag)
+        action.help = recipe_help(action.help.split(" (default")[0], flag)
     add_deprecated_alias(parser, "--cache_dir", "--latents_dir")
 
     args = parser.parse_args(input_args)
+    # --- the preset's defaults for every flag left unset (LightningDiT's recipe or the original DiT's) ---
+    args.recipe_defaults = {}
+    for flag, value in ld.recipe_defaults(args.preset).items():
+        if getattr(args, flag) is None and value is not None:
+            setattr(args, flag, value)
+            args.recipe_defaults[flag] = value
     # --- cross-argument checks: fail before any work ---
     if args.latents_dir is None:
         raise ValueError("--latents_dir is required: the latent cache folder written by examples/cache_latents.py.")
     check_training_arguments(args, positive=("max_train_steps", "validation_inference_steps"))
+    if ld.is_lightningdit(args.preset) and args.objective != "flow":
+        raise ValueError(f"--preset {args.preset} trains LightningDiT's flow objective only: --objective must be flow, "
+                         f"got {args.objective!r}.")  # fmt: skip
+    if not ld.is_lightningdit(args.preset) and args.cosine_loss_weight:
+        raise ValueError(f"--cosine_loss_weight is LightningDiT's loss term: it must be 0 for --preset {args.preset}, "
+                         f"got {args.cosine_loss_weight}.")  # fmt: skip
+    if args.cosine_loss_weight < 0:
+        raise ValueError(f"--cosine_loss_weight must be >= 0, got {args.cosine_loss_weight}.")
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -118,8 +154,8 @@ def parse_args(input_args=None):
 
 
 def prepare_inputs(args):
-    """The in-memory latents, the VAE's location and config, the DiT config, the normalization and class names."""
-    dataset = LatentDataset.from_cache(args.latents_dir)
+    """The in-memory latents, the VAE's location and config, the transformer class and config, the normalization, class names."""
+    dataset = LatentDataset.from_cache(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
     meta = dataset.metadata
     if args.unconditional:
         dataset.class_labels = torch.zeros(len(dataset), dtype=torch.long)
@@ -147,14 +183,14 @@ def prepare_inputs(args):
             f"{vae_config['latent_channels']} latent channels but the cached latents have {dataset.latent_channels}: "
             f"use the VAE the cache was made with."
         )
-    config = dit_config(
-        args.preset, dataset.latent_channels, dataset.latent_size, args.objective, num_classes, args.transformer_overrides
+    model_class, config = ld.transformer_config(
+        args.preset, dataset.latent_channels, dataset.latent_size, num_classes, args.objective, args.transformer_overrides
     )
     if args.latent_normalization == "channel":
         mean, std = meta["latents_mean"], meta["latents_std"]
     else:
         mean, std = vae_latent_statistics(vae_config)
-    return dataset, vae_location, vae_config, config, (mean, std), num_classes, id2label
+    return dataset, vae_location, vae_config, (model_class, config), (mean, std), num_classes, id2label
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,19 +227,24 @@ def log_validation(pipeline, ema, args, accelerator, step, num_classes, name=Non
     return path
 
 
-def write_model_card(args, meta, vae_location, config, num_classes, total_batch, grid_path, accelerator):
+def write_model_card(args, meta, vae_location, config, num_classes, total_batch, grid_path, accelerator, pipeline_class):
     """README.md of the pipeline folder, from model_cards/dit_card.md."""
     flow = args.objective == "flow"
+    lightningdit = ld.is_lightningdit(args.preset)
     vae_name = vae_location["pretrained_model_name_or_path"]
     card = render_model_card(
         "dit_card.md",
         base_model=None if os.path.isdir(vae_name) else vae_name,
-        tags=["dit", "class-conditional", "image-generation", "flow-matching" if flow else "ddpm"],
+        tags=["dit", "class-conditional", "image-generation", "flow-matching" if flow else "ddpm"]
+        + (["lightningdit"] if lightningdit else []),
         datasets=[meta["dataset_name"]] if meta.get("dataset_name") and not os.path.isdir(meta["dataset_name"]) else None,
         model_name=os.path.basename(os.path.normpath(args.hub_model_id or args.output_dir)),
         repo_id=args.hub_model_id or args.output_dir,
         objective=args.objective,
-        pipeline_class="DiTFlowPipeline" if flow else "DiTPipeline",
+        pipeline_class=pipeline_class,
+        lightningdit=lightningdit,
+        recipe=ld.LightningDiTRecipe() if lightningdit else None,
+        transformer_class=ld.transformer_class(args.preset).__name__,
         preset=args.preset,
         transformer_config={k: v for k, v in config.items() if not k.startswith("_")},
         vae_name=vae_name,
@@ -215,6 +256,12 @@ def write_model_card(args, meta, vae_location, config, num_classes, total_batch,
         max_train_steps=args.max_train_steps,
         total_batch_size=total_batch,
         learning_rate=args.learning_rate,
+        adam_betas=(args.adam_beta1, args.adam_beta2),
+        adam_weight_decay=args.adam_weight_decay,
+        lr_scheduler=args.lr_scheduler,
+        logit_normal=(args.logit_mean, args.logit_std),
+        cosine_loss_weight=args.cosine_loss_weight,
+        random_flip=args.random_flip,
         ema_decay=args.ema_decay,
         class_dropout_prob=args.class_dropout_prob,
         mixed_precision=accelerator.mixed_precision,
@@ -229,19 +276,22 @@ def write_model_card(args, meta, vae_location, config, num_classes, total_batch,
 
 
 def main(args):
-    dataset, vae_location, vae_config, config, (mean, std), num_classes, id2label = prepare_inputs(args)
+    dataset, vae_location, vae_config, (model_class, config), (mean, std), num_classes, id2label = prepare_inputs(args)
     meta = dataset.metadata
     # seeds are rank-specific: every rank draws its own noise, timesteps and label dropout
     accelerator, logging_dir = setup_accelerator(
         args, dynamo_backend="inductor" if args.compile else None, non_blocking=True
     )
 
-    # --- models: the DiT (fp32 weights; autocast does bf16), its EMA, the VAE for samples and the export ---
-    transformer = DiTTransformer2DModel(**config)
+    # --- models: the transformer (fp32 weights; autocast does bf16), its EMA, the VAE for samples and the export ---
+    transformer = model_class(**config)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    model = DiTTrainingLoss(transformer, args.objective, mean, std, args.class_dropout_prob, args.logit_mean, args.logit_std)
-    ema = create_ema(transformer, args.ema_decay)
+    model = ld.build_training_module(
+        transformer, args.objective, mean, std, args.class_dropout_prob, args.logit_mean, args.logit_std,
+        args.cosine_loss_weight,
+    )  # fmt: skip
+    ema = ld.create_transformer_ema(transformer, args.ema_decay)
     ema.to(accelerator.device)
     if accelerator.is_main_process:  # only the main process samples and exports
         os.makedirs(args.output_dir, exist_ok=True)
@@ -260,9 +310,9 @@ def main(args):
     def load_model_hook(models, input_dir):
         while models:
             raw = unwrap(accelerator, models.pop())
-            loaded = DiTTransformer2DModel.from_pretrained(input_dir, subfolder="transformer")
+            loaded = model_class.from_pretrained(input_dir, subfolder="transformer")
             raw.transformer.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its parameters
-        loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), DiTTransformer2DModel, foreach=True)
+        loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), model_class, foreach=True)
         ema.load_state_dict(loaded_ema.state_dict())
         ema.to(accelerator.device)
 
@@ -278,11 +328,11 @@ def main(args):
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
-    train_dataloader = latent_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers)
+    train_dataloader = latent_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, seed=args.seed)
     model, prepared_optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     validation_pipeline = None
     if accelerator.is_main_process:  # shares `transformer`: samples see the EMA weights swapped in
-        validation_pipeline = build_pipeline(transformer, vae, args.objective, mean, std, id2label)
+        validation_pipeline = ld.build_output_pipeline(transformer, vae, args.objective, mean, std, id2label)
         validation_pipeline.set_progress_bar_config(disable=True)
 
     def step(batch):
@@ -293,7 +343,7 @@ def main(args):
 
     loop = TrainingLoop(
         accelerator, args, train_dataloader, lr_scheduler, step, logging_dir,
-        after_update=lambda step: ema.step(parameters),
+        after_update=lambda step: ema.step(parameters), on_epoch=dataset.set_epoch,
         validate=lambda step: log_validation(validation_pipeline, ema, args, accelerator, step, num_classes),
         tracker_name="train_dit",
         tracker_config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
@@ -301,6 +351,7 @@ def main(args):
     logger.info("***** Running training *****")
     logger.info(f"  Latents = {len(dataset)} x {tuple(dataset.latents.shape[2:])} (x2 flips), classes = {num_classes}")
     logger.info(f"  {args.preset} ({args.objective}), {sum(p.numel() for p in parameters) / 1e6:.1f}M parameters: {config}")
+    logger.info(f"  Defaults of {args.preset} for the flags left unset: {args.recipe_defaults}")
     logger.info(f"  Latent normalization = {args.latent_normalization}: mean {np.round(mean, 4).tolist()}, "
                 f"std {np.round(std, 4).tolist()}")
     logger.info(f"  Epochs = {math.ceil(args.max_train_steps / loop.updates_per_epoch)}; total batch size = "
@@ -316,11 +367,14 @@ def main(args):
 
     def write(folder):
         validation_pipeline.save_pretrained(folder)
-        write_normalization_file(folder, args.objective, args.latent_normalization, mean, std, vae_config)
+        write_normalization_file(
+            folder, args.objective, args.latent_normalization, mean, std, vae_config, type(validation_pipeline).__name__
+        )
 
     def write_card():
-        write_model_card(args, meta, vae_location, config, num_classes, loop.total_batch_size, grid_path, accelerator)
         pipeline_class = type(validation_pipeline).__name__
+        write_model_card(args, meta, vae_location, config, num_classes, loop.total_batch_size, grid_path, accelerator,
+                         pipeline_class)  # fmt: skip
         logger.info(f"Saved a {pipeline_class} to {args.output_dir} (EMA weights); sample it with examples/sample_dit.py.")
 
     loop.finish(write, write_card)

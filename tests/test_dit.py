@@ -162,16 +162,19 @@ def test_cache_round_trip_statistics_and_flips(tmp_path):
     mean, std = (torch.tensor(dataset.metadata[k], dtype=torch.float64) for k in ("latents_mean", "latents_std"))
     torch.testing.assert_close(mean, as_double.mean(dim=(0, 1, 3, 4)))
     torch.testing.assert_close(std, as_double.std(dim=(0, 1, 3, 4), unbiased=False))
-    torch.manual_seed(0)
-    views = set()
-    for _ in range(20):
+    views = []
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
         batch = dataset.__getitems__([0, 1, 2, 3, 4])
         assert batch["latents"].shape == (5, 4, 8, 8) and batch["class_labels"].tolist() == [0, 1, 2, 0, 1]
         for i in range(5):
             original = torch.equal(batch["latents"][i], latents[i, 0])
             assert original or torch.equal(batch["latents"][i], latents[i, 1])
-            views.add(original)
-    assert views == {True, False}  # both the original and the flipped copy are served
+            views.append(original)
+        torch.manual_seed(epoch)  # the views are a function of (seed, epoch, item), not of the global generator
+        assert torch.equal(dataset.__getitems__([4, 0])["latents"], batch["latents"][[4, 0]])
+    assert 0.25 < sum(views) / len(views) < 0.75  # both the original and the flipped copy are served
+    assert views[:5] != views[5:10] and dit.LatentDataset(latents, seed=1).views(0).tolist() != dataset.views(0).tolist()
     loader = dit.latent_dataloader(dataset, batch_size=2)
     assert len(loader) == 2 and next(iter(loader))["latents"].shape == (2, 4, 8, 8)
     with pytest.raises(ValueError, match="make no full batch"):

@@ -8,13 +8,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch
 from diffusers_ssreg import dit
-from diffusers_ssreg.pipelines import DiTFlowPipeline
+from diffusers_ssreg import lightningdit as ld
+from diffusers_ssreg.models import LightningDiTTransformer2DModel
+from diffusers_ssreg.pipelines import DiTFlowPipeline, LightningDiTPipeline
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +24,7 @@ EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
 
 import cache_latents  # noqa: E402
+import sample_dit  # noqa: E402
 import train_dit  # noqa: E402
 
 
@@ -76,9 +79,10 @@ def cache(workspace):
     return {"folder": folder, "first": first, "resume_log": result.stderr + result.stdout}
 
 
-def train_args(cache, output_dir, objective, steps, *extra):
-    return ["--latents_dir", str(cache["folder"]), "--preset", "DiT-S/2", "--transformer_config", TINY_DIT,
-            "--objective", objective, "--train_batch_size", "4", "--max_train_steps", str(steps),
+def train_args(cache, output_dir, objective, steps, *extra, preset="DiT-S/2"):
+    objective = ["--objective", objective] if objective else []  # None: the preset's default
+    return ["--latents_dir", str(cache["folder"]), "--preset", preset, "--transformer_config", TINY_DIT,
+            *objective, "--train_batch_size", "4", "--max_train_steps", str(steps),
             "--checkpointing_steps", "2", "--logging_steps", "1", "--validation_steps", "2", "--num_validation_images", "3",
             "--validation_inference_steps", "2", "--dataloader_num_workers", "0", "--learning_rate", "1e-3",
             "--output_dir", str(output_dir), *extra]  # fmt: skip
@@ -236,6 +240,85 @@ def test_train_ddpm_gives_a_stock_dit_pipeline_and_samples(workspace, cache, tmp
     np.testing.assert_array_equal(np.asarray(Image.open(samples / "0001_00000.png")), first)
 
 
+def test_train_lightningdit_with_the_recipe_resume_and_sample(workspace, cache, tmp_path):
+    # LightningDiT-S/2 (tiny) with its recipe's defaults (bf16 autocast, betas (0.9, 0.95), MSE + cosine, EMA 0.9999):
+    # 2 steps, then resumed to 4; an uninterrupted 4-step run must end with the same weights.
+    output, straight = tmp_path / "ld", tmp_path / "ld_straight"
+    common = ["--learning_rate", "1e-3", "--validation_guidance_scale", "2.0"]  # large enough steps to tell runs apart
+    launch("examples/train_dit.py", train_args(cache, output, None, 2, *common, preset="LightningDiT-S/2"))
+    result = launch("examples/train_dit.py", train_args(cache, output, None, 4, *common, "--resume_from_checkpoint",
+                                                        "latest", preset="LightningDiT-S/2"))  # fmt: skip
+    log = result.stderr + result.stdout
+    assert "Resuming from" in log and "'adam_beta2': 0.95" in log and "'mixed_precision': 'bf16'" in log
+    launch("examples/train_dit.py", train_args(cache, straight, None, 4, *common, preset="LightningDiT-S/2"))
+    assert [m["step"] for m in read_metrics(output)] == [1, 2, 3, 4]
+    assert [m["loss"] for m in read_metrics(output)] == pytest.approx([m["loss"] for m in read_metrics(straight)])
+    for name in ("transformer", "transformer_ema"):
+        resumed = LightningDiTTransformer2DModel.from_pretrained(output / "checkpoint-4", subfolder=name).state_dict()
+        reference = LightningDiTTransformer2DModel.from_pretrained(straight / "checkpoint-4", subfolder=name).state_dict()
+        for key, value in reference.items():
+            torch.testing.assert_close(resumed[key], value, msg=f"{name}.{key}")
+
+    pipeline = DiffusionPipeline.from_pretrained(output)  # the class from model_index.json
+    assert isinstance(pipeline, LightningDiTPipeline) and pipeline.labels == {"astronaut": 0, "chelsea": 1, "coffee": 2}
+    assert pipeline.transformer.config.num_classes == 3 and pipeline.scheduler.config.shift == pytest.approx(1 / 0.3)
+    exported = pipeline.transformer.state_dict()  # the EMA weights of the last step
+    ema = LightningDiTTransformer2DModel.from_pretrained(output / "checkpoint-4", subfolder="transformer_ema")
+    for key, value in ema.state_dict().items():
+        torch.testing.assert_close(exported[key], value)
+    stats = json.loads((cache["folder"] / dit.CACHE_STATS_NAME).read_text())
+    assert dit.vae_latent_statistics(pipeline.vae.config) == (stats["latents_mean"], stats["latents_std"])
+    assert json.loads((output / dit.NORMALIZATION_FILE).read_text())["vae_decode"] == "vae config (LightningDiTPipeline)"
+    card = (output / "README.md").read_text()
+    assert "LightningDiT-S/2" in card and "LightningDiTTransformer2DModel" in card and "cosine" in card
+    assert "betas (0.9, 0.95)" in card and "bf16" in card and "lightningdit" in card
+
+    samples = tmp_path / "ld_samples"
+    launch("examples/sample_dit.py", ["--pretrained_model_name_or_path", str(output), "--output_dir", str(samples),
+                                      "--num_images_per_class", "2", "--batch_size", "4", "--num_inference_steps", "3",
+                                      "--classes", "0", "2", "--guidance_scale", "2.0", "--guidance_interval", "0",
+                                      "0.5", "--guidance_channels", "3"])  # fmt: skip
+    assert sorted(n for n in os.listdir(samples) if n.endswith(".png")) == ["0000_00000.png", "0000_00001.png",
+                                                                            "0002_00000.png", "0002_00001.png"]  # fmt: skip
+    manifest = json.loads((samples / "samples.json").read_text())
+    assert manifest["pipeline_class"] == "LightningDiTPipeline" and manifest["num_inference_steps"] == 3
+    assert manifest["guidance_interval"] == [0.0, 0.5] and manifest["guidance_channels"] == 3
+    # the same image from the pipeline itself: the script passes the sampler options through
+    generator = torch.Generator("cpu").manual_seed(sample_dit.image_seed(0, 2, 1))
+    expected = pipeline(class_labels=[2], guidance_scale=2.0, guidance_interval=(0.0, 0.5), guidance_channels=3,
+                        generator=[generator], num_inference_steps=3, output_type="np").images[0]  # fmt: skip
+    written = np.asarray(Image.open(samples / "0002_00001.png"), dtype=np.float64) / 255
+    np.testing.assert_allclose(written, expected, atol=1 / 255 + 1e-6)
+
+
+def test_preset_defaults_and_lightningdit_errors(workspace, cache, tmp_path, tiny_vae):
+    ours = train_dit.parse_args(train_args(cache, tmp_path / "out", None, 1, preset="LightningDiT-B/2")[:-2] + ["--output_dir", "x"])
+    recipe = ld.recipe_defaults("LightningDiT-B/2")
+    for flag in ("adam_beta2", "ema_decay", "mixed_precision", "cosine_loss_weight", "objective", "random_flip"):
+        assert getattr(ours, flag) == recipe[flag], flag
+    assert ours.learning_rate == 1e-3  # given on the command line: the recipe never overrides a flag
+    original = train_dit.parse_args(train_args(cache, tmp_path / "out", None, 1))
+    assert (original.adam_beta2, original.mixed_precision, original.cosine_loss_weight, original.objective) == (0.999, None, 0.0, "flow")
+    with pytest.raises(ValueError, match="--preset LightningDiT-S/2 trains LightningDiT's flow objective only"):
+        train_dit.parse_args(train_args(cache, tmp_path / "out", "ddpm", 1, preset="LightningDiT-S/2"))
+    with pytest.raises(ValueError, match="--cosine_loss_weight is LightningDiT's loss term: it must be 0 for --preset DiT-S/2"):
+        train_dit.parse_args(train_args(cache, tmp_path / "out", None, 1, "--cosine_loss_weight", "1"))
+    no_flip = train_dit.parse_args(train_args(cache, tmp_path / "out", None, 1, "--no-random_flip", preset="LightningDiT-S/2"))
+    dataset, _, _, (model_class, config), *_ = train_dit.prepare_inputs(no_flip)
+    assert not dataset.random_flip and model_class is LightningDiTTransformer2DModel and config["num_classes"] == 3
+    # sample_dit: LightningDiT's sampler options are refused for another pipeline, before any image
+    folder = tmp_path / "flow_folder"
+    transformer = ld.build_transformer("DiT-S/2", 4, 8, 3, overrides=json.loads(TINY_DIT))
+    ld.build_output_pipeline(transformer, tiny_vae, "flow", [0.0] * 4, [1.0] * 4).save_pretrained(folder)
+    flow = ld.load_pipeline(str(folder))
+    plain = ["--pretrained_model_name_or_path", str(folder), "--output_dir", "x"]
+    assert sample_dit.sampler_kwargs(flow, sample_dit.parse_args(plain)) == {"num_inference_steps": 50}
+    with pytest.raises(ValueError, match="--guidance_interval applies to a LightningDiTPipeline, but the folder holds a DiTFlowPipeline"):
+        sample_dit.sampler_kwargs(flow, sample_dit.parse_args([*plain, "--guidance_interval", "0", "0.5"]))
+    with pytest.raises(ValueError, match="--guidance_interval must be LOW HIGH"):
+        sample_dit.parse_args([*plain, "--guidance_interval", "0.9", "0.1"])
+
+
 def test_train_input_errors(workspace, cache, tmp_path):
     def prepare(*extra, cache_dir=None):
         arguments = train_args(cache, tmp_path / "out", "flow", 1, *extra)
@@ -287,15 +370,25 @@ def test_train_input_errors(workspace, cache, tmp_path):
 def test_bench_runs_tiny_on_cpu(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     output = tmp_path / "bench.json"
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_dit.py"), "--device", "cpu", "--preset", "DiT-S/2",
-               "--transformer_config", TINY_DIT, "--batch_size", "4", "--latent_size", "8", "--latent_channels", "4",
-               "--num_classes", "10", "--mixed_precision", "no", "--objectives", "flow", "ddpm", "--warmup_steps", "1",
-               "--steps", "3", "--repeats", "2", "--dataloader_num_workers", "1", "--output_json", str(output)]  # fmt: skip
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_dit.py"), "--device", "cpu",
+               "--preset", "DiT-S/2,LightningDiT-S/2", "--transformer_config", TINY_DIT, "--batch_size", "4",
+               "--latent_size", "8", "--latent_channels", "4", "--num_classes", "10", "--mixed_precision", "no",
+               "--objectives", "flow", "ddpm", "--warmup_steps", "1", "--steps", "3", "--repeats", "2",
+               "--dataloader_num_workers", "1", "--peak_tflops", "0.5", "--output_json", str(output)]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "LightningDiT-S/2 trains the flow objective only: ddpm skipped." in result.stdout
     report = json.loads(output.read_text())
-    assert set(report["summary"]) == {"bare", "step/flow", "loop/flow", "step/ddpm", "loop/ddpm"}
-    assert all(len(rounds) == 2 and rounds[0]["steps"] == 3 for rounds in report["rounds"].values())
-    assert all(s["img_per_s"] > 0 for s in report["summary"].values()) and report["ratios_vs_bare"]["bare"] == 1.0
+    presets = report["presets"]
+    assert set(presets["DiT-S/2"]["summary"]) == {"bare", "step/flow", "loop/flow", "step/ddpm", "loop/ddpm"}
+    assert set(presets["LightningDiT-S/2"]["summary"]) == {"bare", "step/flow", "loop/flow"}
+    for preset, measurements in presets.items():
+        assert all(len(rounds) == 2 and rounds[0]["steps"] == 3 for rounds in measurements["rounds"].values())
+        bare = measurements["summary"]["bare"]
+        assert bare["vs_bare"] == 1.0 and all(s["img_per_s"] > 0 for s in measurements["summary"].values())
+        for entry in measurements["summary"].values():  # MFU = 3 x forward FLOPs x img/s / peak
+            assert entry["mfu"] == pytest.approx(3 * entry["forward_flops_per_image"] * entry["img_per_s"] / 0.5e12)
+    flops = presets["LightningDiT-S/2"]["summary"]["loop/flow"]["forward_flops_per_image"]
+    assert flops == ld.forward_flops_per_image(ld.lightningdit_config("LightningDiT-S/2", 4, 8, 10, json.loads(TINY_DIT)))
     table = (tmp_path / "bench.md").read_text()
-    assert "| loop/ddpm |" in table and "vs bare" in table
+    assert "| LightningDiT-S/2 | loop/flow |" in table and "| DiT-S/2 | loop/ddpm |" in table and "MFU" in table

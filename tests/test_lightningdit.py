@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -190,6 +191,66 @@ def test_rope_scores_depend_only_on_position_offsets():
     assert torch.equal(cos[0], torch.ones(16)) and torch.equal(sin[0], torch.zeros(16))
     assert torch.equal(sin[8, 8:], torch.zeros(8)) and sin[8, :8].abs().max() > 0.5  # token (1, 0)
     assert torch.equal(sin[1, :8], torch.zeros(8)) and sin[1, 8:].abs().max() > 0.5  # token (0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused formulations against the textbook ones (the model must stay the same function)
+# --------------------------------------------------------------------------------------------
+
+
+def textbook_rms_norm(norm, x):
+    """RMSNorm as LightningDiT's `models/rmsnorm.py` writes it: normalized in float32, cast back, then scaled."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)).type_as(x) * norm.weight
+
+
+def textbook_attention(attn, x, cos, sin):
+    """q, k, v split; QK-norm and the rotation (pairs (x0, x1) -> (-x1, x0) by stack) on q and k one at a time."""
+    batch_size, num_tokens, _ = x.shape
+    query, key, value = attn.qkv(x).view(batch_size, num_tokens, 3, attn.num_heads, attn.head_dim).unbind(2)
+    if attn.q_norm is not None:
+        query, key = textbook_rms_norm(attn.q_norm, query), textbook_rms_norm(attn.k_norm, key)
+
+    def rotate(t):
+        t32 = t.float()
+        pairs = t32.unflatten(-1, (-1, 2))
+        return (t32 * cos + torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2) * sin).to(t.dtype)
+
+    query, key = rotate(query).to(value.dtype), rotate(key).to(value.dtype)
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    return attn.proj(out.transpose(1, 2).reshape(batch_size, num_tokens, -1))
+
+
+@pytest.mark.parametrize("qk_norm,fused_norm", [(False, True), (True, True), (True, False)])
+def test_fused_rotation_and_norms_match_the_textbook_formulas(qk_norm, fused_norm, monkeypatch):
+    if not fused_norm:  # a torch without torch.nn.functional.rms_norm
+        monkeypatch.delattr(F, "rms_norm", raising=False)
+    model = tiny_model(use_qk_norm=qk_norm, attention_head_dim=16)  # 8x8 latents, patch 2: a 4x4 token grid
+    cos, sin = rotary_tables(16, 4)
+    attn, norm = model.blocks[0].attn, model.blocks[0].norm1
+    x = torch.randn(2, 16, model.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast, slow = attn(x, (model.rope_cos, model.rope_sin)), textbook_attention(attn, x, cos[:, None], sin[:, None])
+        torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)  # float32: the same numbers up to rounding
+        torch.testing.assert_close(norm(x), textbook_rms_norm(norm, x), atol=1e-6, rtol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, slow = attn(x, (model.rope_cos, model.rope_sin)), textbook_attention(attn, x, cos[:, None], sin[:, None])
+        assert fast.dtype == slow.dtype == torch.bfloat16
+        assert (fast.float() - slow.float()).abs().max() <= 2**-7 * slow.float().abs().max()  # bf16 rounding
+        for dtype in (torch.bfloat16, torch.float16):  # half inputs: float32 statistics, the scale applied after the cast
+            half = x.to(dtype)
+            fast, slow = norm(half), textbook_rms_norm(norm, half)
+            assert fast.dtype == slow.dtype == torch.float32
+            torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+
+
+def test_patch_embedding_gives_a_contiguous_residual_stream():
+    model = tiny_model()
+    latents = model_inputs()[0]
+    with torch.no_grad():
+        tokens = model.x_embedder(latents)
+        expected = model.x_embedder.proj(latents).flatten(2).transpose(1, 2)  # (batch, tokens, dim), row-major patches
+    assert tokens.is_contiguous() and torch.equal(tokens, expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,3 +475,12 @@ def test_flow_folder_of_the_original_dit_loads_with_diffusion_pipeline_too(tmp_p
     with pytest.raises(ValueError, match="channel mismatch"):
         ld.build_output_pipeline(tiny_model(channels=8), tiny_vae, "flow", [0.0] * 8, [1.0] * 8)
 
+
+
+def test_folder_loaded_in_bfloat16_samples(tmp_path, tiny_vae_factory):
+    ld.build_output_pipeline(tiny_model(), tiny_vae_factory(use_quant_conv=False), "flow", [0.0] * 4, [1.0] * 4).save_pretrained(tmp_path)
+    pipeline = ld.load_pipeline(str(tmp_path), **dit.dtype_kwargs(torch.bfloat16))
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.transformer.dtype == torch.bfloat16
+    latents = pipeline([0, 2], guidance_scale=2.0, num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (2, 4, 8, 8) and torch.isfinite(latents).all()

@@ -66,7 +66,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused kernel in eager; the same decomposition when compiled
+            x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x.type_as(hidden_states) * self.weight
 
 
@@ -90,15 +93,35 @@ def rotary_tables(head_dim: int, grid_size: int, theta: float = 10000.0) -> Tupl
     return angles.cos().float(), angles.sin().float()
 
 
+# (x0, x1) -> (-x1, x0) is the pair swap (x1, x0) times these signs: the rotation becomes a view, a flip of the
+# pair axis and two products, which a compiler fuses into one pass without the stack/select of a rotate-half.
+_PAIR_SIGNS = (-1.0, 1.0)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """
+    `x * cos + swap(x) * signed_sin` in float32, returned in `x`'s dtype, where `swap` exchanges the channels of each
+    pair (2k, 2k+1) and `signed_sin` holds `(-sin, sin)` per pair (`signed_rotary_tables`): each pair is rotated by
+    its angle. `cos`/`signed_sin` broadcast against `x` (last dimension: the head's channels).
+    """
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x32 * cos + swapped * signed_sin).to(x.dtype)
+
+
+def signed_rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(cos, sin)` of `rotary_tables` as `rotate_pairs` takes them: the sine with the sign of each pair's swap."""
+    signs = torch.tensor(_PAIR_SIGNS, dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
+    return cos, sin * signs
+
+
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """
     Rotates each channel pair (2k, 2k+1) of `x` `(batch_size, num_tokens, heads, head_dim)` by the token's angle
-    (`cos`/`sin`: `(num_tokens, 1, head_dim)`), in float32; returns `x`'s dtype.
+    (`cos`/`sin` of `rotary_tables`: `(num_tokens, 1, head_dim)`), `(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)`,
+    in float32; returns `x`'s dtype.
     """
-    x32 = x.float()
-    pairs = x32.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    return rotate_pairs(x, *signed_rotary_tables(cos, sin))
 
 
 class LightningDiTAttention(nn.Module):
@@ -117,15 +140,18 @@ class LightningDiTAttention(nn.Module):
         self.proj = nn.Linear(inner_dim, dim, bias=True)
 
     def forward(self, hidden_states: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """`rope`: the `(cos, signed_sin)` tables of `rotate_pairs`, `(num_tokens, 1, 1, head_dim)`."""
         batch_size, num_tokens, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.unbind(2)  # (batch_size, num_tokens, heads, head_dim), views
+        query_key, value = qkv[:, :, :2], qkv[:, :, 2]  # views of the projection
         if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
-        if rope is not None:
-            query, key = apply_rotary_emb(query, *rope), apply_rotary_emb(key, *rope)
-        query, key = query.to(value.dtype), key.to(value.dtype)  # no-ops unless a float32 norm scale promoted them
-        # (batch, heads, tokens, head_dim) views: no copies, the attention kernels take strided inputs
+            query_key = torch.stack([self.q_norm(query_key[:, :, 0]), self.k_norm(query_key[:, :, 1])], dim=2)
+        if rope is not None:  # queries and keys rotated together: one pass
+            query_key = rotate_pairs(query_key, *rope)
+        # (a float32 norm scale promotes the normalized queries and keys: back to the projection's dtype)
+        query, key = query_key.to(value.dtype).unbind(2)  # (batch_size, num_tokens, heads, head_dim)
+        # (batch, heads, tokens, head_dim) views: no copies, the attention kernels take strided inputs, and their
+        # output in the query's layout makes the transpose back a view
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(batch_size, num_tokens, -1))
 
@@ -201,7 +227,9 @@ class PatchEmbedder(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, latents):
-        return self.proj(latents).flatten(2).transpose(1, 2)
+        # contiguous: a transposed view would give the whole residual stream a (batch, dim, tokens) memory order,
+        # in which every norm reduces along a strided axis
+        return self.proj(latents).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
@@ -308,10 +336,10 @@ class LightningDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.y_embedder = LabelEmbedder(num_classes, dim)
         pos_embed = get_2d_sincos_pos_embed(dim, grid, base_size=grid, interpolation_scale=1.0, output_type="pt")
         self.register_buffer("pos_embed", pos_embed.float().unsqueeze(0), persistent=False)  # fixed (DiT)
-        if use_rope:
-            cos, sin = rotary_tables(attention_head_dim, grid, rope_theta)
-            self.register_buffer("rope_cos", cos.unsqueeze(1), persistent=False)  # (tokens, 1, head_dim)
-            self.register_buffer("rope_sin", sin.unsqueeze(1), persistent=False)
+        if use_rope:  # (tokens, 1, 1, head_dim): broadcast over queries/keys and heads
+            cos, sin = signed_rotary_tables(*rotary_tables(attention_head_dim, grid, rope_theta))
+            self.register_buffer("rope_cos", cos[:, None, None], persistent=False)
+            self.register_buffer("rope_sin", sin[:, None, None], persistent=False)  # signed (`rotate_pairs`)
         else:
             self.rope_cos = self.rope_sin = None
         ffn_dim = int(dim * mlp_ratio)
@@ -373,7 +401,9 @@ class LightningDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`hidden_states` must be {size}x{size} (the config's sample_size), got {height}x{width}.")
         if timestep.ndim == 0:
             timestep = timestep.expand(batch_size)
-        hidden_states = self.x_embedder(hidden_states) + self.pos_embed  # (batch_size, tokens, dim)
+        # The sin-cos table in the weights' dtype: float32 when training under autocast (a float32 residual stream,
+        # as LightningDiT's), the model's dtype when it was loaded in half precision (which leaves buffers float32).
+        hidden_states = self.x_embedder(hidden_states) + self.pos_embed.to(self.x_embedder.proj.weight.dtype)
         conditioning = self.t_embedder(timestep) + self.y_embedder(class_labels)  # (batch_size, dim)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.blocks:
