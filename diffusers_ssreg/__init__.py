@@ -13,14 +13,18 @@ from .basis import (
     transition_matrix,
 )
 from .blur import gaussian_blur, resolution_scale, sample_tau_pairs
-from .config import SSRegConfig
+from .config import RegularizerConfig, SSRegConfig
 from .regularizer import REGULARIZER_SUBFOLDER, BranchPlan, SSRegOutput, StateSpaceRegularizer
+from .regularizers import LatentRegularizer, RegularizerOutput
 
 __all__ = [
     "BASES",
     "BranchPlan",
     "DISCRETIZATIONS",
+    "LatentRegularizer",
     "REGULARIZER_SUBFOLDER",
+    "RegularizerConfig",
+    "RegularizerOutput",
     "SSRegConfig",
     "SSRegOutput",
     "StateSpaceRegularizer",
