@@ -332,7 +332,9 @@ def _flag_parser(config_class, f: dataclasses.Field) -> Callable[[str], Any]:
         return _tuple_parser(items[0] if items else str)
     if typing.get_origin(kind) is typing.Union:  # Optional[X]
         inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
-        return _parse_optional_int if inner is int else (lambda text, inner=inner: None if text.lower() == "none" else inner(text))
+        if inner is int:
+            return _parse_optional_int
+        return lambda text: None if str(text).lower() == "none" else inner(text)
     return {bool: _parse_bool, int: int, float: float}.get(kind, str)
 
 

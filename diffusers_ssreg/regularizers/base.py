@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import RegularizerConfig, resolve_file
-from ..losses import build_lpips, per_sample_l1, per_sample_lpips
+from ..losses import LPIPS_MIN_SIZE, build_lpips, per_sample_l1, per_sample_lpips
 
 
 @dataclass
@@ -161,7 +161,7 @@ class LatentRegularizer(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def freeze_blocks(self) -> None:
-        """Freezes the first `freeze_encoder_blocks` encoder down blocks and the last `freeze_decoder_blocks` decoder up blocks (A.5)."""
+        """Freezes the first `freeze_encoder_blocks` encoder down blocks and the last `freeze_decoder_blocks` up blocks (A.5)."""
         down, up = self.vae.encoder.down_blocks, self.vae.decoder.up_blocks
         for name, count, blocks in (
             ("freeze_encoder_blocks", self.config.freeze_encoder_blocks, down),
@@ -234,6 +234,27 @@ class LatentRegularizer(nn.Module):
         if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
             raise ValueError(
                 f"`pixel_values` must lie in [-1, 1] (diffusers' convention), got values in [{low:.4g}, {high:.4g}]."
+            )
+
+    def smallest_target_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The smallest images the method compares for `(height, width)` inputs (a downscaling method overrides it)."""
+        return height, width
+
+    def check_lpips_size(self, height: int, width: int, field_hint: str = "") -> None:
+        """
+        Raises a ValueError before any work when LPIPS could not measure the smallest images this method
+        compares at `height` x `width` (each backbone needs a minimum size, `LPIPS_MIN_SIZE`).
+        """
+        if self.lpips is None:
+            return
+        net = self.config.lpips_net
+        small_height, small_width = self.smallest_target_size(height, width)
+        if min(small_height, small_width) < LPIPS_MIN_SIZE[net]:
+            raise ValueError(
+                f"LPIPS ('{net}') needs images of at least {LPIPS_MIN_SIZE[net]}x{LPIPS_MIN_SIZE[net]} pixels, but "
+                f"{self.name} compares {small_height}x{small_width} images at the input size {height}x{width}"
+                f"{field_hint}: train at a higher resolution{', change that field' if field_hint else ''}, "
+                f"or set `lambda_lpips`=0."
             )
 
     def encode(self, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None):
@@ -310,12 +331,16 @@ class LatentRegularizer(nn.Module):
         if os.path.isfile(config_path):
             self.check_saved_config(self.config_class.from_json_file(config_path), directory)
         elif weights_path is None:
-            raise FileNotFoundError(f"no {self.config_class.config_name} in {directory!r}: not a saved {self.name!r} regularizer.")
+            raise FileNotFoundError(
+                f"no {self.config_class.config_name} in {directory!r}: not a saved {self.name!r} regularizer."
+            )
         if weights_path is not None:
             with safe_open(weights_path, framework="pt") as f:
                 metadata = f.metadata() or {}
             if metadata.get("regularizer", self.name) != self.name:
-                raise ValueError(f"{weights_path!r} holds the state of regularizer {metadata['regularizer']!r}, not {self.name!r}.")
+                raise ValueError(
+                    f"{weights_path!r} holds the state of regularizer {metadata['regularizer']!r}, not {self.name!r}."
+                )
             self.load_state(load_file(weights_path), metadata, weights_path)
 
     @classmethod

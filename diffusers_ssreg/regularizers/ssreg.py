@@ -238,6 +238,7 @@ class StateSpaceRegularizer(LatentRegularizer):
         count = int(plan.regularized.numel())
         if count + plan.plain.numel() != batch:
             raise ValueError(f"`plan` covers {count + plan.plain.numel()} samples but the batch has {batch}.")
+        self.check_lpips_size(height, width)
         scale = resolution_scale(height, width, cfg.reference_resolution)
         if count and plan.tau2.device.type == "cpu" and float(plan.tau2.max()) > cfg.tau_max * scale * (1 + 1e-6):
             # (a host-side plan costs no device sync to check; the kernels are sized for τ_max)
@@ -346,7 +347,7 @@ class StateSpaceRegularizer(LatentRegularizer):
         return {**super().state_metadata(), **self.structure()}
 
     def check_saved_config(self, saved: SSRegConfig, directory: str) -> None:
-        """The saved config must agree on basis, grid and discretization (patterns alone can't tell e.g. Legendre from Chebyshev)."""
+        """The saved config must agree on basis, grid and discretization (a pattern alone can't tell Legendre from Chebyshev)."""
         for name, mine in (("basis", self.config.basis), ("grid", self.grid), ("discretization", self.config.discretization)):
             theirs = tuple(saved.grid or ()) if name == "grid" else getattr(saved, name)
             if name == "grid" and not theirs:
@@ -356,9 +357,7 @@ class StateSpaceRegularizer(LatentRegularizer):
 
     def load_state(self, state: Dict[str, torch.Tensor], metadata: Dict[str, str], path: str) -> None:
         """Checks the pattern of A and the recorded structure, then copies A, Δ, the EMA step and the target encoder."""
-        if not torch.equal(state.pop("transition_index"), self.transition_index.cpu()):
-            raise ValueError(f"the transition-matrix pattern in {path} does not match basis {self.config.basis!r}.")
-        mine = self.structure()
+        mine, differences = self.structure(), []
         for name in STRUCTURE_FIELDS:  # files written before the structure was recorded carry none of it
             if name in metadata and metadata[name] != mine[name]:
                 theirs, ours = metadata[name], mine[name]
@@ -366,10 +365,18 @@ class StateSpaceRegularizer(LatentRegularizer):
                     theirs, ours = tuple(int(v) for v in theirs.split(",")), self.grid
                 elif name == "latent_channels":
                     theirs, ours = int(theirs), int(ours)
-                raise ValueError(
-                    f"{path!r} was saved with {name}={theirs!r}, this regularizer has {name}={ours!r}: "
-                    f"the state was trained for another transition matrix; build the regularizer with {name}={theirs!r}."
-                )
+                differences.append(f"{name}={theirs!r}, this regularizer has {name}={ours!r}")
+        saved_with = f"it was saved with {'; '.join(differences)}" if differences else ""
+        if not torch.equal(state.pop("transition_index"), self.transition_index.cpu()):
+            raise ValueError(
+                f"the transition-matrix pattern in {path} does not match basis {self.config.basis!r} on grid "
+                f"{self.grid}" + (f": {saved_with}." if saved_with else ".")
+            )
+        if differences:
+            raise ValueError(
+                f"{path!r} holds a state trained for another transition matrix: {saved_with}. Use the values it was "
+                f"saved with (the config file beside it, or the flags that built this regularizer, disagree with them)."
+            )
         with torch.no_grad():
             self.transition_values.copy_(state.pop("transition_values"))
             self.log_delta.copy_(state.pop("log_delta"))
