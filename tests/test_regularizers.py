@@ -344,6 +344,18 @@ def test_spectrum_matching_pre_blur_rule(pre_blur, factor, expected):
     assert regularizer.pre_blur() is expected
 
 
+@pytest.mark.parametrize("net", ["vgg", "alex", "squeeze"])
+def test_lpips_minimum_sizes(net):
+    """`LPIPS_MIN_SIZE` is the smallest square side each backbone accepts: one pixel less fails inside lpips."""
+    from diffusers_ssreg.losses import LPIPS_MIN_SIZE, build_lpips
+
+    model, size = build_lpips(net, pretrained_backbone=False), LPIPS_MIN_SIZE[net]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, size, size), torch.zeros(1, 3, size, size)).shape[0] == 1
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, size - 1, size - 1), torch.zeros(1, 3, size - 1, size - 1))
+
+
 @pytest.mark.parametrize(
     "name, overrides, size, pattern",
     [
