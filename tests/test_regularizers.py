@@ -652,3 +652,42 @@ def test_flags_of_another_method_or_bad_values_are_clear_errors():
     for spec in REGULARIZERS.values():
         assert f"--{spec.flag_prefix}kl_weight" in help_text and spec.name in help_text
     assert "--eqvae_scales" in help_text and "(default: 0.25,0.28125," in help_text
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile sees the full-resolution shape only
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["eqvae", "scale_equivariance"])
+def test_compiled_modules_see_only_the_full_resolution(name):
+    """The downscaled branches run uncompiled: the compiler is only ever handed full-resolution inputs.
+
+    A recording backend (dynamo tracing, no Inductor) collects the spatial size of every input a
+    compiled module was traced for; with `eager_varying_shapes=False` the scaled sizes do reach it.
+    """
+    import torch._dynamo
+
+    def run(eager_varying_shapes):
+        torch._dynamo.reset()
+        seen = set()
+
+        def recorder(graph_module, example_inputs):
+            # activations only: convolution weights (the other 4-D inputs) are 1x1 or 3x3
+            activations = [t for t in example_inputs if torch.is_tensor(t) and t.ndim == 4 and t.shape[-1] > 3]
+            seen.update(tuple(t.shape[-2:]) for t in activations)
+            return graph_module.forward
+
+        regularizer = build_regularizer(name, make_tiny_vae(), _config(name))
+        regularizer.eager_varying_shapes = eager_varying_shapes
+        for module in (regularizer.vae.encoder, regularizer.vae.decoder):
+            module.compile(backend=recorder)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            regularizer(photo_crops(4, 32), generator=generator).loss.backward()
+        torch._dynamo.reset()
+        return {size[0] for size in seen}
+
+    full = {32, 16}  # image and latent sides of 32 px images through a factor-2 VAE
+    assert run(True) <= full
+    assert run(False) - full  # the scaled branches' sizes, when they are handed to the compiler

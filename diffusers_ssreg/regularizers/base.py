@@ -11,6 +11,7 @@ What the paper's Table 1 holds fixed across methods lives in `RegularizerConfig`
 the reconstruction loss, the frozen blocks, and no discriminator.
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -150,6 +151,8 @@ class LatentRegularizer(nn.Module):
         # LPIPS: not built at all when its weight is 0
         self.lpips = build_lpips(config.lpips_net, config.lpips_pretrained_backbone) if config.lambda_lpips > 0 else None
         self.validate_inputs = True
+        # Passes whose spatial size changes from step to step run uncompiled (see `varying_shapes`).
+        self.eager_varying_shapes = True
         self._requires_grad_before_freeze: Optional[Dict[str, bool]] = None
         self.freeze_blocks()
 
@@ -235,6 +238,19 @@ class LatentRegularizer(nn.Module):
             raise ValueError(
                 f"`pixel_values` must lie in [-1, 1] (diffusers' convention), got values in [{low:.4g}, {high:.4g}]."
             )
+
+    def varying_shapes(self, varying: bool = True):
+        """
+        Context for a pass whose spatial size changes from step to step (a downscaled branch): it runs the VAE
+        and LPIPS uncompiled even when `torch.compile` wrapped them, so their compiled graphs keep the one
+        full-resolution shape. Compiling such passes would take one graph per size (24 for EQ-VAE's scales), or
+        a dynamic-shape graph, which torch 2.14's Inductor fails to build for diffusers' VAE attention (measured
+        on the CPU). `eager_varying_shapes = False` lets torch.compile see them.
+        """
+        stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        if not (varying and self.eager_varying_shapes and stance is not None):
+            return contextlib.nullcontext()
+        return stance("force_eager")
 
     def smallest_target_size(self, height: int, width: int) -> Tuple[int, int]:
         """The smallest images the method compares for `(height, width)` inputs (a downscaling method overrides it)."""

@@ -18,8 +18,9 @@ followed here. Data flow of one `forward`:
     loss_i          = λ_MAE |target - D(input)|_1 + λ_LPIPS LPIPS + w_KL KL(posterior of the sample)
     loss            = mean over the batch of loss_i
 
-The draws are made on the host: shapes depend only on (s, k) and the branch counts. torch.compile
-sees one shape per distinct scale; after the second it compiles a dynamic-shape graph.
+The draws are made on the host: shapes depend only on (s, k) and the branch counts. The scaled
+branches change size with s (24 sizes), so they run uncompiled (`LatentRegularizer.varying_shapes`):
+compiled encoder, decoder and LPIPS keep their full-resolution graphs.
 """
 
 from dataclasses import dataclass, field
@@ -150,8 +151,16 @@ def resize(x: torch.Tensor, size: Tuple[int, int], antialias: bool = False) -> t
 
 
 def rotate(x: torch.Tensor, quarter_turns: int) -> torch.Tensor:
-    """Rotation by `quarter_turns` × 90° of the last two axes (`torch.rot90(x, k, dims=(-1, -2))`, as the authors' code)."""
-    return torch.rot90(x, quarter_turns, dims=(-1, -2)) if quarter_turns % 4 else x
+    """
+    Rotation by `quarter_turns` × 90° of the last two axes (`torch.rot90(x, k, dims=(-1, -2))`, as the authors' code),
+    returned dense in the input's memory format: a transposed stride order would reach the compiled decoder, whose
+    dynamic-shape graph cannot order symbolic strides.
+    """
+    if not quarter_turns % 4:
+        return x
+    channels_last = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.rot90(x, quarter_turns, dims=(-1, -2)).contiguous(memory_format=layout)
 
 
 def equivariance_transform(x: torch.Tensor, size: Tuple[int, int], quarter_turns: int, antialias: bool = False) -> torch.Tensor:
@@ -235,7 +244,8 @@ class EQVAERegularizer(LatentRegularizer):
         if n_low:  # prior preservation at a lower resolution: the downscaled image, encoded and reconstructed
             with torch.no_grad():
                 x_low = resize(pixel_values.index_select(0, low), image_size, cfg.antialias)
-            _, z_low, kl_low = self.encode(x_low, generator)
+            with self.varying_shapes(image_size != (height, width)):
+                _, z_low, kl_low = self.encode(x_low, generator)
             decoder_inputs.append(z_low)
             targets.append(x_low)
             kls.append(kl_low)
@@ -252,11 +262,15 @@ class EQVAERegularizer(LatentRegularizer):
             while stop < len(decoder_inputs) and decoder_inputs[stop].shape[2:] == decoder_inputs[start].shape[2:]:
                 stop += 1
             group = decoder_inputs[start:stop]
-            out = self.vae.decode(torch.cat(group) if len(group) > 1 else group[0]).sample
+            with self.varying_shapes(tuple(group[0].shape[2:]) != (height // ratio, width // ratio)):
+                out = self.vae.decode(torch.cat(group) if len(group) > 1 else group[0]).sample
             decoded += list(out.split([g.shape[0] for g in group]))
             start = stop
 
-        terms = [self.pixel_terms(d, t) for d, t in zip(decoded, targets)]
+        terms = []
+        for d, t in zip(decoded, targets):
+            with self.varying_shapes(tuple(d.shape[2:]) != (height, width)):
+                terms.append(self.pixel_terms(d, t))
         total = sum((pixel + cfg.kl_weight * kl).sum() for (pixel, _, _), kl in zip(terms, kls))
         loss = total / batch
 

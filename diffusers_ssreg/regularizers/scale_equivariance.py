@@ -182,8 +182,9 @@ class ScaleEquivarianceRegularizer(LatentRegularizer):
                 z_se, x_se = z.index_select(0, index), pixel_values.index_select(0, index)
             with torch.no_grad():
                 target = downsample(x_se, factor, cfg.antialias)  # d_f(x)
-            decoded_se = self.vae.decode(downsample(z_se, factor, cfg.antialias)).sample  # D(d_f(z))
-            se_pixel, se_mae, se_lp = self.pixel_terms(decoded_se, target)
+            with self.varying_shapes():  # a second, smaller size: kept out of the compiled graphs
+                decoded_se = self.vae.decode(downsample(z_se, factor, cfg.antialias)).sample  # D(d_f(z))
+                se_pixel, se_mae, se_lp = self.pixel_terms(decoded_se, target)
             total = total + cfg.lambda_se * se_pixel.sum()
         loss = total / batch
 
