@@ -691,3 +691,21 @@ def test_compiled_modules_see_only_the_full_resolution(name):
     full = {32, 16}  # image and latent sides of 32 px images through a factor-2 VAE
     assert run(True) <= full
     assert run(False) - full  # the scaled branches' sizes, when they are handed to the compiler
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_output_survives_accelerate_mixed_precision(name, fresh_accelerate_state):
+    """A bf16 prepared module's outputs are rebuilt by Accelerate from a mapping: every field must come through."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    overrides = {"spectrum_matching": {"dsm_mask_levels": (0, 8)}}.get(name, {})
+    regularizer = accelerator.prepare(build_regularizer(name, make_tiny_vae(), _config(name, **overrides)))
+    output = regularizer(photo_crops(4, 32), generator=torch.Generator().manual_seed(0))
+    assert type(output) is REGULARIZERS[name].regularizer_class.forward.__annotations__["return"]
+    assert output.loss.dtype == torch.float32
+    assert output.loss.requires_grad and torch.isfinite(output.loss)
+    scalars = output.scalars()
+    assert {"loss", "rec_mae", "rec_lpips", "kl"} <= set(scalars)
+    assert all(v.ndim == 0 and v.dtype == torch.float32 for v in scalars.values())
+    output.loss.backward()
