@@ -1,28 +1,14 @@
-"""StateSpaceRegularizer and its pieces, importable from here as before; the implementation lives in
-`diffusers_ssreg.regularizers.ssreg`, beside the other regularizers of `diffusers_ssreg.regularizers`
-(see docs/method.md)."""
+"""`diffusers_ssreg.regularizer`: the earlier name of `diffusers_ssreg.regularizers.ssreg`, where
+`StateSpaceRegularizer` lives beside the other regularizers (see docs/method.md).
 
-from .regularizers.base import TargetEncoder
-from .regularizers.ssreg import (
-    REGULARIZER_SUBFOLDER,
-    STRUCTURE_FIELDS,
-    WEIGHTS_NAME,
-    BranchPlan,
-    SSRegOutput,
-    StateSpaceRegularizer,
-    apply_transition,
-    spatial_mean,
-)
+This name is bound to that very module object, so `from diffusers_ssreg.regularizer import
+StateSpaceRegularizer, SSRegOutput, BranchPlan, REGULARIZER_SUBFOLDER` keeps working, and a name
+replaced through either path (e.g. its `per_sample_l1`) is replaced for the training step.
+"""
+
+import sys
+
+from .regularizers import ssreg as _implementation
 
 
-__all__ = [
-    "REGULARIZER_SUBFOLDER",
-    "STRUCTURE_FIELDS",
-    "WEIGHTS_NAME",
-    "BranchPlan",
-    "SSRegOutput",
-    "StateSpaceRegularizer",
-    "TargetEncoder",
-    "apply_transition",
-    "spatial_mean",
-]
+sys.modules[__name__] = _implementation

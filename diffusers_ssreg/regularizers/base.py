@@ -279,13 +279,17 @@ class LatentRegularizer(nn.Module):
         z = posterior.sample(generator=generator)
         return posterior, z, posterior.kl().float()
 
-    def pixel_terms(self, decoded: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pixel_terms(
+        self, decoded: torch.Tensor, target: torch.Tensor, l1=None, lpips_distance=None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         The plain reconstruction distance per sample: `(pixel, mae, lpips)`, each `(batch_size,)` float32,
-        with pixel = λ_MAE·L1 + λ_LPIPS·LPIPS (LPIPS is 0 when its weight is 0).
+        with pixel = λ_MAE·L1 + λ_LPIPS·LPIPS (LPIPS is 0 when its weight is 0). `l1` and `lpips_distance`
+        default to `losses.per_sample_l1` and `losses.per_sample_lpips`.
         """
-        mae = per_sample_l1(decoded, target)
-        lp = per_sample_lpips(self.lpips, decoded, target) if self.lpips is not None else torch.zeros_like(mae)
+        l1, lpips_distance = l1 or per_sample_l1, lpips_distance or per_sample_lpips
+        mae = l1(decoded, target)
+        lp = lpips_distance(self.lpips, decoded, target) if self.lpips is not None else torch.zeros_like(mae)
         return self.config.lambda_mae * mae + self.config.lambda_lpips * lp, mae, lp
 
     def draw_plan(self, batch_size: int, height: int, width: int, generator: Optional[torch.Generator] = None):

@@ -30,7 +30,7 @@ from diffusers.training_utils import EMAModel
 from ..basis import default_grid, discretize, transition_mask, transition_matrix, validate_grid
 from ..blur import gaussian_blur, resolution_scale, sample_tau_pairs
 from ..config import SSRegConfig
-from ..losses import per_sample_mse
+from ..losses import per_sample_l1, per_sample_lpips, per_sample_mse
 from .base import LatentRegularizer, RegularizerOutput, TargetEncoder, host_generator, stochastic_subset
 
 
@@ -288,7 +288,8 @@ class StateSpaceRegularizer(LatentRegularizer):
                 keep_in_graph = 0.0 * A_bar.sum()
 
         decoded = self.vae.decode(decoder_input).sample
-        pixel, mae, lp = self.pixel_terms(decoded, target)
+        # The shared rule with the distance functions named in this module (looked up at every step).
+        pixel, mae, lp = self.pixel_terms(decoded, target, per_sample_l1, per_sample_lpips)
 
         reg_loss = cfg.lambda_z * latent_mse + cfg.lambda_image * pixel[:count]
         plain_loss = pixel[count:] + cfg.kl_weight * kl[count:]
