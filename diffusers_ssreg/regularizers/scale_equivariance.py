@@ -12,8 +12,9 @@ reconstruct the downsampled image from the downsampled latent. Data flow of one 
                       + λ_SE [λ_MAE |d_f(x) - D(d_f(z))|_1 + λ_LPIPS LPIPS]       (samples of the SE term)
     loss            = mean over the batch of loss_i
 
-No official code of the paper could be read where this was written: `lambda_se`, `probability` and
-`antialias` are assumptions, listed as such in docs/method.md.
+This implementation follows the paper's description, not its code (github.com/snap-research/diffusability
+was not consulted): `lambda_se`, `probability` and `antialias` are assumptions, listed as such in
+docs/method.md.
 """
 
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ from .base import LatentRegularizer, RegularizerOutput, choose, downsampling_fac
 class ScaleEquivarianceConfig(RegularizerConfig):
     """
     Configuration of a `ScaleEquivarianceRegularizer`. The downsampling factors and the bilinear
-    filter follow the paper; the fields marked "assumed" are not given in any source available
-    when this was written (docs/method.md).
+    filter follow the paper; the fields marked "assumed" are choices of this implementation
+    (docs/method.md).
     """
 
     regularizer_name: ClassVar[str] = "scale_equivariance"
