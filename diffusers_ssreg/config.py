@@ -374,4 +374,6 @@ def config_from_args(args, prefix: str = "ssreg_", defaults: Optional[Dict[str, 
     try:
         return config_class(**values)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"invalid --{prefix}* flag: {error}") from error
+        # name the flag(s) of the field(s) the config's message names in backticks
+        named = [f"--{prefix}{name}" for name in sorted(known) if f"`{name}`" in str(error)]
+        raise ValueError(f"invalid --{prefix}* flag{' ' + ', '.join(named) if named else ''}: {error}") from error
