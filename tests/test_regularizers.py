@@ -694,6 +694,23 @@ def test_compiled_modules_see_only_the_full_resolution(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_compile_modules_compiles_what_each_method_runs(name, monkeypatch):
+    """`finetune.compile_modules` (the scripts' --compile) compiles encoder, decoder, SSReg's EMA target and LPIPS when on."""
+    from diffusers_ssreg.finetune import compile_modules
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *args, **kwargs: compiled.append(module))
+    for lpips in (0.0, 0.1):
+        compiled.clear()
+        regularizer = build_regularizer(name, make_tiny_vae(), _config(name, lambda_lpips=lpips))
+        compile_modules(regularizer)
+        expected = [regularizer.vae.encoder, regularizer.vae.decoder]
+        expected += [regularizer.target_encoder] if name == "ssreg" else []
+        expected += [regularizer.lpips] if lpips else []
+        assert len(compiled) == len(expected) and all(a is b for a, b in zip(compiled, expected)), (name, lpips)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_output_survives_accelerate_mixed_precision(name, fresh_accelerate_state):
     """A bf16 prepared module's outputs are rebuilt by Accelerate from a mapping: every field must come through."""
     from accelerate import Accelerator
