@@ -105,7 +105,7 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_min", type=float, default=1e-6, help="LR at the end of the cosine decay.")
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.1, help="Fraction of the steps spent warming up.")
     parser.add_argument("--lr_decay_ratio", type=float, default=0.5, help="Fraction of the steps spent in the cosine decay.")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder, EMA target and LPIPS.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder, LPIPS and SSReg's EMA target.")
     parser.add_argument("--activation_memory_budget", type=float, default=None,
                         help="With --compile: fraction of activations kept for the backward (0, 1]; "
                         "lower recomputes more and saves memory.")
