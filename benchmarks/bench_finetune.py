@@ -6,11 +6,15 @@ Throughput of a VAE fine-tuning step, side by side in one process on the same da
   (b) ssreg   our training step: StateSpaceRegularizer forward with alpha 0.25 and LPIPS, the clip +
               AdamW + scheduler step of examples/finetune_vae.py (training.optimizer_step), EMA update
   (c) plain   the same as (b) with alpha 0 (plain reconstruction fine-tuning through the regularizer)
+  (d) eqvae, scale_equivariance, spectrum_matching, none
+              the same step as (b) through each other regularizer of `--regularizer` (its paper's setting,
+              with the shared fields of (b): LPIPS on, the same frozen blocks)
 
 Each variant runs eager and, with --compile, under torch.compile. Reports img/s, peak GPU memory,
-model FLOP utilization and the ratios b/a and b/c as JSON and a markdown table.
+model FLOP utilization and the ratios b/a, b/c and d/b as JSON and a markdown table.
 
     python benchmarks/bench_finetune.py --device cuda --config flux --batch_size 32 --resolution 256 --compile
+    python benchmarks/bench_finetune.py --regularizer eqvae --compile          # stock, ssreg and eqvae
     python benchmarks/bench_finetune.py --device cpu --config tiny --steps 2     # what the test suite runs
 
 The LPIPS module gets a random VGG backbone by default, so the benchmark runs offline
@@ -33,13 +37,16 @@ from diffusers import AutoencoderKL
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from diffusers_ssreg import SSRegConfig, StateSpaceRegularizer  # noqa: E402
+from diffusers_ssreg import REGULARIZERS, build_regularizer  # noqa: E402
 from diffusers_ssreg.finetune import compile_modules  # noqa: E402
 from diffusers_ssreg.training import NonFiniteGuard, optimizer_step  # noqa: E402
 
 
 # Dense bf16 peak of the GPUs this may run on (datasheet, TFLOP/s): MFU is reported against it.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+# "stock" is plain diffusers; "plain" is SSReg with alpha 0; every other name is a `--regularizer` method.
+VARIANTS = ("stock", "plain", *REGULARIZERS)
 
 TINY_CONFIG = dict(
     block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -57,7 +64,16 @@ def parse_args(input_args=None):
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per variant (compilation happens here).")
     parser.add_argument("--time_budget_s", type=float, default=120.0, help="Stop timing a variant after this long.")
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--variants", default="stock,ssreg,plain", help="Variants run eagerly ('' for none).")
+    parser.add_argument(
+        "--regularizer", default=None,
+        help=f"Regularizer(s) to time beside stock and ssreg, comma-separated, or 'all': any of {', '.join(REGULARIZERS)}. "
+        "Sets the default of --variants to stock,ssreg,<these>.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", default=None,
+        help=f"Variants run eagerly, comma-separated ('' for none), of {', '.join(VARIANTS)} "
+        "(default: stock,ssreg,plain, or stock,ssreg,<--regularizer>).",
+    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="Also run variants under torch.compile.")
     parser.add_argument("--compiled_variants", default=None, help="Variants run compiled (default: --variants).")
     parser.add_argument(
@@ -67,7 +83,7 @@ def parse_args(input_args=None):
     parser.add_argument("--sweep_plot", default=None, help="PNG of the sweep: img/s and peak memory per setting.")
     parser.add_argument(
         "--channels_last", action="store_true",
-        help="Our variants (ssreg, plain) run channels_last; the stock baseline stays as diffusers users run it.",
+        help="Our variants (every regularizer step) run channels_last; the stock baseline stays as diffusers users run it.",
     )  # fmt: skip
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--activation_memory_budget", type=float, default=None,
@@ -79,7 +95,28 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     if args.resolution % 8 and args.config == "flux":
         raise ValueError(f"--resolution must be divisible by 8 for the Flux VAE, got {args.resolution}.")
+    methods = []
+    if args.regularizer is not None:
+        methods = list(REGULARIZERS) if args.regularizer == "all" else split_names(args.regularizer)
+        check_names("--regularizer", methods, REGULARIZERS)
+    if args.variants is None:
+        args.variants = ",".join(dict.fromkeys(["stock", "ssreg", *methods] if methods else ["stock", "ssreg", "plain"]))
+    check_names("--variants", split_names(args.variants), VARIANTS)
+    if args.compiled_variants is not None:
+        check_names("--compiled_variants", split_names(args.compiled_variants), VARIANTS)
     return args
+
+
+def split_names(text: str):
+    """`"a, b,,c"` -> `["a", "b", "c"]`."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def check_names(flag: str, names, allowed) -> None:
+    """A ValueError naming `flag` when `names` holds anything outside `allowed`."""
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {unknown}; allowed: {', '.join(allowed)}.")
 
 
 def build_vae(args, channels_last: bool = False) -> AutoencoderKL:
@@ -129,13 +166,20 @@ def make_stock_step(args, compile_):
     return step, vae
 
 
-def make_ssreg_step(args, compile_, alpha):
-    """Our step, through the same pieces as examples/finetune_vae.py (Accelerate-free but identical math)."""
+def make_regularizer_step(args, compile_, name):
+    """
+    A regularizer's step (`name`: a `--regularizer` method, or "plain" for SSReg with alpha 0) through the same
+    pieces as examples/finetune_vae.py (Accelerate-free but identical math). Every method gets the shared fields
+    of the SSReg step (LPIPS on, the paper's frozen blocks) and its paper's setting otherwise.
+    """
     vae = build_vae(args, args.channels_last)
-    config = SSRegConfig(alpha=alpha, lpips_pretrained_backbone=args.lpips_pretrained_backbone,
-                         freeze_encoder_blocks=min(2, len(vae.encoder.down_blocks)) if args.config == "flux" else 1,
-                         freeze_decoder_blocks=min(2, len(vae.decoder.up_blocks)) if args.config == "flux" else 1)  # fmt: skip
-    regularizer = StateSpaceRegularizer(vae, config).to(args.device)
+    method = "ssreg" if name == "plain" else name
+    shared = dict(lpips_pretrained_backbone=args.lpips_pretrained_backbone,
+                  freeze_encoder_blocks=min(2, len(vae.encoder.down_blocks)) if args.config == "flux" else 1,
+                  freeze_decoder_blocks=min(2, len(vae.decoder.up_blocks)) if args.config == "flux" else 1)  # fmt: skip
+    if method == "ssreg":
+        shared["alpha"] = 0.0 if name == "plain" else 0.25
+    regularizer = build_regularizer(method, vae, REGULARIZERS[method].config_class(**shared)).to(args.device)
     regularizer.validate_inputs = False
     if args.channels_last:
         regularizer = regularizer.to(memory_format=torch.channels_last)
@@ -203,7 +247,7 @@ def run_variant(args, name, compile_, pixel_batches, flops_cache):
     def make(compiled):
         if name == "stock":
             return make_stock_step(args, compiled)
-        return make_ssreg_step(args, compiled, alpha=0.25 if name == "ssreg" else 0.0)
+        return make_regularizer_step(args, compiled, name)
 
     if name not in flops_cache:  # FLOPs don't depend on compilation: count once, on an eager copy
         counting_step, counting_model = make(False)
@@ -324,14 +368,14 @@ def main(args):
         (torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator) * 2 - 1).to(args.device)
         for _ in range(4)
     ]
-    eager_variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    compiled_variants = eager_variants if args.compiled_variants is None else [
-        v.strip() for v in args.compiled_variants.split(",") if v.strip()
-    ]
-    unknown = set(eager_variants + compiled_variants) - {"stock", "ssreg", "plain"}
-    if unknown:
-        raise ValueError(f"--variants/--compiled_variants: unknown {sorted(unknown)}; allowed: stock, ssreg, plain.")
+    eager_variants = split_names(args.variants)
+    compiled_variants = eager_variants if args.compiled_variants is None else split_names(args.compiled_variants)
     runs = [(name, False) for name in eager_variants] + ([(name, True) for name in compiled_variants] if args.compile else [])
+    if args.compile:
+        # Static graphs for every variant: without this, a second batch size of a module (EQ-VAE's branches pass
+        # 28 and 12 of 32 samples at full resolution) would turn its compiled graph dynamic, also for the
+        # variants timed after it.
+        torch._dynamo.config.automatic_dynamic_shapes = False
     modes = sorted({compiled for _, compiled in runs})
     results, flops_cache = [], {}
     for name, compile_ in runs:
@@ -362,6 +406,12 @@ def main(args):
             ratios[f"ssreg_{tag}_over_stock_eager"] = b["images_per_s"] / a["images_per_s"]
         if b and c:
             ratios[f"ssreg_{tag}_over_plain_{tag}"] = b["images_per_s"] / c["images_per_s"]
+        for method in REGULARIZERS:  # each other method's step against SSReg's, in the same mode
+            d = find(method, compiled)
+            if method != "ssreg" and b and d:
+                ratios[f"{method}_{tag}_over_ssreg_{tag}"] = d["images_per_s"] / b["images_per_s"]
+            if method != "ssreg" and a and d:
+                ratios[f"{method}_{tag}_over_stock_eager"] = d["images_per_s"] / a["images_per_s"]
     report = {
         "settings": vars(args),
         "device": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else platform.processor() or "cpu",

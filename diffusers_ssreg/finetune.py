@@ -1,5 +1,6 @@
 """What `examples/finetune_vae.py` needs beyond the shared training layer: the demo default, VAE
-loading with clear errors, validation (metrics, reconstruction grid, blur-dynamics plot) and the card."""
+loading with clear errors, validation (metrics, reconstruction grid, blur-dynamics plot) and the card,
+for whichever regularizer `--regularizer` chose (`diffusers_ssreg.regularizers`)."""
 
 import json
 import logging
@@ -22,8 +23,10 @@ DEMO_FLAGS = {
     "max_train_steps": (None, 400),
 }
 # The demo trains a random-init VAE from scratch on CPU: nothing is pretrained, so no block is frozen,
-# and LPIPS is off (its VGG backbone needs a download). Every flag can still override these.
-DEMO_SSREG_DEFAULTS = {"freeze_encoder_blocks": 0, "freeze_decoder_blocks": 0, "lambda_lpips": 0.0}
+# and LPIPS is off (its VGG backbone needs a download). These fields are shared by every regularizer's
+# config; every flag can still override them.
+DEMO_REGULARIZER_DEFAULTS = {"freeze_encoder_blocks": 0, "freeze_decoder_blocks": 0, "lambda_lpips": 0.0}
+DEMO_SSREG_DEFAULTS = DEMO_REGULARIZER_DEFAULTS  # the earlier name
 
 FLUX_COMMAND = (
     "accelerate launch examples/finetune_vae.py --pretrained_model_name_or_path "
@@ -31,6 +34,13 @@ FLUX_COMMAND = (
     "--train_batch_size 32 --learning_rate 1e-5 --max_train_steps 50000 --mixed_precision bf16 "
     "--output_dir flux-vae-ssreg"
 )
+
+
+def default_output_dir(regularizer_name: str) -> str:
+    """`--output_dir` when none is given: `<subfolder>-vae` (`ssreg-vae`, `eqvae-vae`, ..., `plain-vae`), one per method."""
+    from .regularizers import get_regularizer_spec
+
+    return f"{get_regularizer_spec(regularizer_name).subfolder}-vae"
 
 
 def demo_vae(seed: int = 0) -> AutoencoderKL:
@@ -53,9 +63,28 @@ def demo_vae(seed: int = 0) -> AutoencoderKL:
     )
 
 
+def check_checkpoint_regularizer(checkpoint: str, regularizer_name: str) -> None:
+    """
+    Raises a ValueError, before any work, when `checkpoint` (a `checkpoint-<step>` folder) holds the state of
+    another `--regularizer` than `regularizer_name` (each method saves into its own subfolder).
+    """
+    from .regularizers import REGULARIZERS, get_regularizer_spec
+
+    if os.path.isdir(os.path.join(checkpoint, get_regularizer_spec(regularizer_name).subfolder)):
+        return
+    saved = [spec.name for spec in REGULARIZERS.values() if os.path.isdir(os.path.join(checkpoint, spec.subfolder))]
+    if saved:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} was saved with --regularizer {saved[0]}, but this run has "
+            f"--regularizer {regularizer_name}: resume with --regularizer {saved[0]} (and its flags), or train into "
+            f"another --output_dir."
+        )
+
+
 def compile_modules(regularizer, activation_memory_budget: Optional[float] = None) -> None:
     """
-    `torch.compile` the modules that carry the step's FLOPs, in place: encoder, decoder, EMA target, LPIPS.
+    `torch.compile` the modules that carry the step's FLOPs, in place: those `regularizer.modules_to_compile()`
+    names (`LatentRegularizer`: encoder, decoder, the EMA target of a method that has one, LPIPS when on).
 
     `activation_memory_budget` in (0, 1] lets the compiler recompute cheap activations in the backward
     instead of saving them (torch._functorch's min-cut partitioner): 1 saves everything, lower values
@@ -67,9 +96,8 @@ def compile_modules(regularizer, activation_memory_budget: Optional[float] = Non
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = activation_memory_budget
-    for module in (regularizer.vae.encoder, regularizer.vae.decoder, regularizer.target_encoder, regularizer.lpips):
-        if module is not None:
-            module.compile()
+    for module in regularizer.modules_to_compile():
+        module.compile()
 
 
 def load_vae(args) -> AutoencoderKL:
@@ -90,11 +118,12 @@ def load_vae(args) -> AutoencoderKL:
 def demo_description() -> str:
     """What the offline demo changes, for `--help`."""
     flags = ", ".join(f"--{name} {demo}" for name, (_, demo) in DEMO_FLAGS.items())
-    ssreg = ", ".join(f"--ssreg_{name} {value}" for name, value in DEMO_SSREG_DEFAULTS.items())
+    fields = ", ".join(f"--ssreg_{name} {value}" for name, value in DEMO_REGULARIZER_DEFAULTS.items())
     return (
         "With no model and no data arguments the script runs an offline demo: a small random-init VAE of the Flux "
-        f"architecture trained on scikit-image's sample photos. The demo changes these defaults: {flags}, {ssreg} "
-        "(any flag given still wins). For the real Flux VAE:\n  " + FLUX_COMMAND
+        f"architecture trained on scikit-image's sample photos. The demo changes these defaults: {flags}, {fields} "
+        "(the same fields of any other --regularizer, e.g. --eqvae_lambda_lpips; any flag given still wins). "
+        "For the real Flux VAE:\n  " + FLUX_COMMAND
     )
 
 
@@ -185,6 +214,46 @@ def validate_and_log(regularizer, pixel_values: torch.Tensor, accelerator, step:
 # ----------------------------------------------------------------------------------------------
 
 
+# What the card says of each method: (its name, its paper's arXiv id, what it trains the VAE to do, Hub tags).
+METHOD_CARDS = {
+    "ssreg": (
+        "**Structured State-Space Regularization**",
+        "2604.11089",
+        "Its latent channels are trained to evolve like 2D {basis} coefficients when the input image is blurred, "
+        "which the paper reports makes the latent space easier for a diffusion model to learn.",
+        ["ssreg", "state-space-regularization"],
+    ),
+    "eqvae": (
+        "**EQ-VAE** equivariance regularization",
+        "2502.09509",
+        "Decoding a downscaled and rotated latent is trained to give the same transform of the image, so that "
+        "the latent space follows spatial transforms of the image.",
+        ["eq-vae", "equivariance-regularization"],
+    ),
+    "scale_equivariance": (
+        "**scale equivariance** (FT-SE)",
+        "2502.14831",
+        "The decoder is trained to reconstruct a downsampled image from the equally downsampled latent, which "
+        "damps the latents' high-frequency content.",
+        ["scale-equivariance"],
+    ),
+    "spectrum_matching": (
+        "**Spectrum Matching**",
+        "2603.14645",
+        "The latents' frequency content is matched to the image's: ESM pushes their DCT power spectrum towards "
+        "the flattened image spectrum; DSM, when on, reconstructs low-passed images from equally low-passed latents.",
+        ["spectrum-matching"],
+    ),
+    "none": (
+        "plain reconstruction fine-tuning (no latent regularizer)",
+        None,
+        "It is the baseline the latent regularizers are compared with: the same reconstruction loss, frozen blocks "
+        "and schedule, without regularization.",
+        ["plain-finetune"],
+    ),
+}
+
+
 def transition_summary(regularizer) -> str:
     """A one-line description of the learned A: its diagonal (or norm) and how far it moved from the init."""
     from .basis import transition_matrix
@@ -196,16 +265,60 @@ def transition_summary(regularizer) -> str:
     return f"diagonal [{diagonal}]; relative change from the initial A: {change:.3e}"
 
 
+def regularizer_card_fields(regularizer) -> dict:
+    """The card's fields that depend on the method: its name, description, config table, tags and learned state."""
+    from .regularizers import get_regularizer_spec
+
+    spec = get_regularizer_spec(regularizer.name)
+    method, arxiv, description, tags = METHOD_CARDS.get(spec.name, (spec.title, None, "", []))
+    paper = f"[arXiv {arxiv}](https://arxiv.org/abs/{arxiv})" if arxiv else None
+    config = regularizer.config_to_save()
+    fields = {
+        "regularizer_name": spec.name,
+        "method": f"{method} ({paper})" if paper else method,
+        "method_description": description.format(basis=getattr(config, "basis", "")),
+        "config_class": type(config).__name__,
+        "regularizer_subfolder": spec.subfolder,
+        "config_file": type(config).config_name,
+        "regularizer_config": {k: v for k, v in config.to_dict().items() if not k.startswith("_")},
+        "tags": tags,
+        "extra_lr": None,
+        "state_space": None,
+        "citation_note": None,
+    }
+    if spec.name == "none":
+        fields["citation_note"] = "The baseline of the comparison of latent regularizers in Table 1 of:"
+    elif spec.name != "ssreg":
+        fields["citation_note"] = f"Cite the method's own paper, {paper}; the comparison of latent regularizers follows Table 1 of:"
+    if spec.name == "ssreg" and config.alpha == 0:
+        fields["method_description"] = (
+            "With `alpha` = 0 no sample took the regularization branch: this is plain reconstruction fine-tuning, "
+            "the loss of `--regularizer none`."
+        )
+    if spec.name == "ssreg":
+        fields["state_space"] = {
+            "basis": config.basis,
+            "delta": f"{regularizer.delta.item():.5f}",
+            "grid": f"{regularizer.grid[0]} x {regularizer.grid[1]}",
+            "summary": transition_summary(regularizer),
+        }
+    return fields
+
+
 def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]], data_description, total_batch, accelerator):
-    """Renders model_cards/vae_card.md into `output_dir/README.md`."""
+    """Renders model_cards/vae_card.md into `output_dir/README.md`: the VAE, its training and the regularizer."""
     from .hub import render_model_card
 
     vae = regularizer.vae
     base = args.pretrained_model_name_or_path
+    method = regularizer_card_fields(regularizer)
+    tags = method.pop("tags")
+    if method["state_space"] is not None:
+        method["extra_lr"] = f"A and Δ at {args.learning_rate * regularizer.config.ssm_lr_scale:.3g}"
     card = render_model_card(
         "vae_card.md",
         base_model=base if base and not os.path.isdir(base) else None,
-        tags=["autoencoderkl", "vae", "ssreg", "state-space-regularization"],
+        tags=["autoencoderkl", "vae", *tags],
         model_name=os.path.basename(os.path.normpath(args.output_dir)),
         repo_id=args.hub_model_id or args.output_dir,
         demo_note=(
@@ -214,7 +327,6 @@ def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]],
             if args.demo
             else None
         ),
-        basis=regularizer.config.basis,
         latent_channels=vae.config.latent_channels,
         downsampling_factor=2 ** (len(vae.config.block_out_channels) - 1),
         scaling_factor=vae.config.scaling_factor,
@@ -228,20 +340,14 @@ def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         resolution=args.resolution,
         learning_rate=args.learning_rate,
-        ssm_lr=args.learning_rate * regularizer.config.ssm_lr_scale,
         lr_schedule=(
             f"warm-up from {args.lr_warmup_start} over {args.lr_warmup_ratio:.0%} of steps, constant, cosine to "
             f"{args.lr_min} over the last {args.lr_decay_ratio:.0%}"
         ),
         max_grad_norm=args.max_grad_norm,
         mixed_precision=accelerator.mixed_precision,
-        ssreg_config={k: v for k, v in regularizer.config.to_dict().items() if not k.startswith("_")} | {
-            "grid": list(regularizer.grid)
-        },
-        delta=f"{regularizer.delta.item():.5f}",
-        grid=f"{regularizer.grid[0]} x {regularizer.grid[1]}",
-        transition_summary=transition_summary(regularizer),
         metrics={k: f"{v:.4f}" for k, v in (metrics or {}).items()},
         metrics_description="posterior-mean reconstructions; PSNR in dB on [0, 1] pixels",
+        **method,
     )
     card.save(os.path.join(args.output_dir, "README.md"))

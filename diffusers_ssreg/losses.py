@@ -14,6 +14,11 @@ _BACKBONE_FILES = {
 }
 
 
+# The smallest square side (pixels) each LPIPS backbone accepts: below it a pooling layer of its feature
+# stack has no output and lpips raises a shape error (measured with lpips 0.1.4 on square inputs).
+LPIPS_MIN_SIZE = {"vgg": 16, "alex": 31, "squeeze": 17}
+
+
 def _require(module: str, extra: str = "train"):
     try:
         return __import__(module)

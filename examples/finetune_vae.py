@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """
-Fine-tune a diffusers AutoencoderKL with Structured State-Space Regularization (arXiv 2604.11089).
+Fine-tune a diffusers AutoencoderKL with SSReg (arXiv 2604.11089) or another latent regularizer.
 
     accelerate launch examples/finetune_vae.py \
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-schnell --vae_subfolder vae \
         --train_data_dir /path/to/images --output_dir flux-vae-ssreg
 
-With no model and no data arguments it runs an offline demo: a small random-init Flux-architecture
-VAE trained on real photographs shipped with scikit-image. The result is a stock `AutoencoderKL`
-folder (`AutoencoderKL.from_pretrained(output_dir)`), the regularizer's state in `output_dir/ssreg`
-and Accelerate checkpoints in `output_dir/checkpoint-*`.
+`--regularizer {ssreg,eqvae,scale_equivariance,spectrum_matching,none}` picks the method (default ssreg;
+none is plain reconstruction fine-tuning); each method's fields are flags with its own prefix
+(`--ssreg_*`, `--eqvae_*`, `--se_*`, `--sm_*`, `--plain_*`; docs/method.md). With no model and no data
+arguments it runs an offline demo: a small random-init Flux-architecture VAE trained on real
+photographs shipped with scikit-image. The result is a stock `AutoencoderKL` folder
+(`AutoencoderKL.from_pretrained(output_dir)`), the regularizer's config and state in a subfolder named
+after the method (`output_dir/ssreg`, `output_dir/eqvae`, ...) and Accelerate checkpoints in
+`output_dir/checkpoint-*`.
 """
 
 import argparse
@@ -22,13 +26,13 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 
-from diffusers_ssreg import REGULARIZER_SUBFOLDER, StateSpaceRegularizer
 from diffusers_ssreg import data as ssreg_data
-from diffusers_ssreg.config import add_config_arguments, config_from_args
 from diffusers_ssreg.finetune import (
     DEMO_FLAGS,
-    DEMO_SSREG_DEFAULTS,
+    DEMO_REGULARIZER_DEFAULTS,
+    check_checkpoint_regularizer,
     compile_modules,
+    default_output_dir,
     demo_description,
     demo_vae,
     load_vae,
@@ -37,6 +41,12 @@ from diffusers_ssreg.finetune import (
     write_vae_model_card,
 )
 from diffusers_ssreg.images import extensions_text
+from diffusers_ssreg.regularizers import (
+    add_regularizer_arguments,
+    build_regularizer,
+    get_regularizer_spec,
+    regularizer_config_from_args,
+)
 from diffusers_ssreg.training import (
     HelpFormatter,
     TrainingLoop,
@@ -45,6 +55,7 @@ from diffusers_ssreg.training import (
     check_training_arguments,
     get_paper_scheduler,
     optimizer_step,
+    resolve_resume_checkpoint,
     setup_accelerator,
     unwrap,
 )
@@ -94,18 +105,19 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_min", type=float, default=1e-6, help="LR at the end of the cosine decay.")
     parser.add_argument("--lr_warmup_ratio", type=float, default=0.1, help="Fraction of the steps spent warming up.")
     parser.add_argument("--lr_decay_ratio", type=float, default=0.5, help="Fraction of the steps spent in the cosine decay.")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder, EMA target and LPIPS.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, decoder, LPIPS and SSReg's EMA target.")
     parser.add_argument("--activation_memory_budget", type=float, default=None,
                         help="With --compile: fraction of activations kept for the backward (0, 1]; "
                         "lower recomputes more and saves memory.")
     parser.add_argument("--channels_last", action="store_true",
                         help="channels_last memory format (measured slower for the Flux VAE: docs/benchmarks.md).")
     # None = the real-run or demo default of DEMO_FLAGS (the help texts state both); the paper's clipping norm
-    add_training_arguments(parser, output_dir="ssreg-vae", train_batch_size=None, learning_rate=None, max_grad_norm=50.0)
+    add_training_arguments(parser, output_dir=None, train_batch_size=None, learning_rate=None, max_grad_norm=50.0)
     for name, (default, demo) in DEMO_FLAGS.items():
         action = next(a for a in parser._actions if a.dest == name)
         action.help = f"{action.help or ''} (default: {default or '--num_train_epochs epochs'}; the offline demo: {demo})".strip()
-    add_config_arguments(parser)
+    next(a for a in parser._actions if a.dest == "output_dir").help += " (default: <method>-vae, e.g. ssreg-vae, plain-vae)"
+    add_regularizer_arguments(parser)
     add_deprecated_alias(parser, "--subfolder", "--vae_subfolder")
     add_deprecated_alias(parser, "--use_torch_compile", "--compile")
 
@@ -116,6 +128,8 @@ def parse_args(input_args=None):
     for name, (default, demo_default) in DEMO_FLAGS.items():
         if getattr(args, name) is None:
             setattr(args, name, demo_default if args.demo else default)
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args.regularizer)
 
     # --- cross-argument checks: fail before any work ---
     if args.pretrained_model_name_or_path and args.model_config_name_or_path:
@@ -135,7 +149,11 @@ def parse_args(input_args=None):
             raise ValueError(f"--random_resized_crop_scale needs 0 < MIN <= MAX <= 1, got {low} {high}.")
         if args.center_crop:
             raise ValueError("--random_resized_crop_scale and --center_crop exclude each other.")
-    args.ssreg_config = config_from_args(args, defaults=DEMO_SSREG_DEFAULTS if args.demo else None)
+    # the chosen method's config from its --<prefix>* flags; a flag of another method is an error
+    args.regularizer_config = regularizer_config_from_args(args, defaults=DEMO_REGULARIZER_DEFAULTS if args.demo else None)
+    checkpoint = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        check_checkpoint_regularizer(checkpoint, args.regularizer)
     return args
 
 
@@ -210,7 +228,9 @@ def main(args):
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor}.")
-    regularizer = StateSpaceRegularizer(vae, args.ssreg_config)
+    spec = get_regularizer_spec(args.regularizer)
+    regularizer = build_regularizer(args.regularizer, vae, args.regularizer_config)
+    regularizer.check_lpips_size(args.resolution, args.resolution, f" (--resolution {args.resolution})")
     regularizer.validate_inputs = False  # the data pipeline guarantees [-1, 1]; avoids a host sync per step
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
@@ -226,7 +246,7 @@ def main(args):
             for model in models:
                 reg = unwrap(accelerator, model)
                 reg.vae.save_pretrained(os.path.join(output_dir, "vae"))
-                reg.save_pretrained(os.path.join(output_dir, REGULARIZER_SUBFOLDER))
+                reg.save_pretrained(os.path.join(output_dir, reg.subfolder))
                 if weights:
                     weights.pop()
 
@@ -235,7 +255,7 @@ def main(args):
             reg = unwrap(accelerator, models.pop())
             loaded = AutoencoderKL.from_pretrained(input_dir, subfolder="vae")
             reg.vae.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its parameters
-            reg.load_regularizer_state(os.path.join(input_dir, REGULARIZER_SUBFOLDER))
+            reg.load_regularizer_state(os.path.join(input_dir, reg.subfolder))
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -287,19 +307,19 @@ def main(args):
         train_dataset.set_epoch(epoch)
 
     tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    tracker_config.update({f"ssreg/{k}": str(v) for k, v in args.ssreg_config.to_dict().items()})
+    tracker_config.update({f"{args.regularizer}/{k}": str(v) for k, v in args.regularizer_config.to_dict().items()})
     loop = TrainingLoop(
         accelerator, args, train_dataloader, lr_scheduler, train_step, logging_dir,
         after_update=lambda step: raw.update_ema(),
         validate=lambda step: validate_and_log(raw, validation_batch, accelerator, step, args.output_dir),
-        validate_first_step=True, on_epoch=on_epoch, tracker_name="finetune_vae_ssreg", tracker_config=tracker_config,
+        validate_first_step=True, on_epoch=on_epoch, tracker_name=f"finetune_vae_{args.regularizer}", tracker_config=tracker_config,
     )  # fmt: skip
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(train_dataset)}; validation images = {len(validation_batch)}")
     logger.info(f"  Epochs = {math.ceil(args.max_train_steps / updates_per_epoch)}; total batch size = "
                 f"{loop.total_batch_size}; optimization steps = {args.max_train_steps}")
     logger.info(f"  Trainable VAE params = {sum(p.numel() for p in raw.parameter_groups(1.0)[0]['params']):,}")
-    logger.info(f"  SSReg: {args.ssreg_config}")
+    logger.info(f"  Regularizer: {spec.title}: {args.regularizer_config}")
     global_step = loop.run()
 
     # --- the result: a stock AutoencoderKL folder, the regularizer beside it, a model card ---
@@ -313,7 +333,7 @@ def main(args):
         metrics = validate_and_log(raw, validation_batch, accelerator, global_step, args.output_dir)
 
     def write(folder):
-        raw.save_pretrained(os.path.join(folder, REGULARIZER_SUBFOLDER))
+        raw.save_pretrained(os.path.join(folder, raw.subfolder))  # its config names the method
         raw.unwrap().save_pretrained(folder)  # the very same AutoencoderKL, its config untouched
 
     def write_card():

@@ -20,9 +20,14 @@ OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Two tiny random AutoencoderKL folders (one saved as a pipeline's vae/ subfolder) and 4 photo crops."""
+    """
+    Three tiny random AutoencoderKL folders (one saved as a pipeline's vae/ subfolder; two with the regularizer folder
+    examples/finetune_vae.py saves beside the weights: SSReg with alpha 0, EQ-VAE) and 4 photo crops.
+    """
     from diffusers import AutoencoderKL
     from skimage import data
+
+    from diffusers_ssreg import EQVAEConfig, SSRegConfig
 
     root = tmp_path_factory.mktemp("ssreg_eval")
     images = root / "images"
@@ -30,33 +35,41 @@ def workspace(tmp_path_factory):
     for i, photo in enumerate((data.astronaut(), data.chelsea(), data.coffee(), data.rocket())):
         Image.fromarray(photo).resize((96, 80)).save(images / f"{i}.png")
     folders = []
-    for seed, folder in ((0, root / "vae_a"), (1, root / "pipeline_b" / "vae")):
+    for seed, folder in ((0, root / "vae_a"), (1, root / "pipeline_b" / "vae"), (2, root / "vae_c")):
         torch.manual_seed(seed)
         AutoencoderKL(
             block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
         ).save_pretrained(str(folder))
         folders.append(folder)
-    return {"root": root, "images": str(images), "vae_a": str(root / "vae_a"), "pipeline_b": str(root / "pipeline_b")}
+    SSRegConfig(alpha=0.0).save_pretrained(str(root / "vae_a" / "ssreg"))
+    EQVAEConfig(scales=(0.5,)).save_pretrained(str(root / "vae_c" / "eqvae"))
+    return {"root": root, "images": str(images), "vae_a": str(root / "vae_a"), "pipeline_b": str(root / "pipeline_b"),
+            "vae_c": str(root / "vae_c")}  # fmt: skip
 
 
-def test_compare_two_vaes_writes_a_report_with_figures(workspace, tmp_path):
+def test_compare_three_vaes_writes_a_report_with_figures(workspace, tmp_path):
     out = tmp_path / "report"
     result = run([
-        "compare", "--vae", workspace["vae_a"], "--vae", workspace["pipeline_b"], "--vae_name", "plain",
-        "--vae_name", "other", "--data_dir", workspace["images"], "--resolution", "64", "--feature_extractor",
+        "compare", "--vae", workspace["vae_a"], "--vae", workspace["pipeline_b"], "--vae", workspace["vae_c"],
+        "--vae_name", "plain", "--vae_name", "other", "--vae_name", "equivariant",
+        "--data_dir", workspace["images"], "--resolution", "64", "--feature_extractor",
         "effnet-lite0", "--lpips_net", "none", "--num_images", "2", "--num_unmask_images", "2", "--num_blur_steps", "6",
         "--output_dir", str(out), "--no_progress", "--device", "cpu",
     ])
     report = (out / "report.md").read_text()
-    for needle in ("| plain |", "| other |", "Fourier (reference)", "rFID-EffNetLite0", "coherence", "project-internal",
+    assert "| model | regularizer | images | PSNR ↑ |" in report  # the method each VAE was fine-tuned with, first
+    for needle in ("| plain | ssreg (alpha 0) | 4 |", "| other | – | 4 |", "| equivariant | eqvae | 4 |",
+                   "Fourier (reference)", "rFID-EffNetLite0", "coherence", "project-internal",
                    "blur_dynamics.png", "unmasking.png", "latent_spectrum.png", "latent_statistics.png"):
         assert needle in report
     for png in ("blur_dynamics.png", "unmasking.png", "unmasking_psnr.png", "latent_spectrum.png", "latent_statistics.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "results.json").read_text())
     assert saved["models"]["other"]["vae"]["subfolder"] == "vae"  # pipeline folder detected
-    for name in ("plain", "other"):
+    assert saved["models"]["equivariant"]["vae"]["regularizer"]["config"]["scales"] == [0.5]
+    assert saved["models"]["other"]["vae"]["regularizer"] is None
+    for name in ("plain", "other", "equivariant"):
         model = saved["models"][name]
         assert set(model["reconstruction"]["metrics"]) == {"PSNR", "SSIM", "rFID-EffNetLite0"}
         assert set(model["latent"]) == {"blur_dynamics", "unmasking", "spectrum", "statistics"}

@@ -102,7 +102,7 @@ def test_a_plan_beyond_tau_max_is_refused():
 
 
 def test_benchmark_runs_on_the_cpu(tmp_path):
-    """benchmarks/bench_finetune.py's tiny CPU mode: every variant, eager and compiled, writes its report."""
+    """benchmarks/bench_finetune.py's tiny CPU mode: stock, SSReg, alpha 0 and another method, eager and compiled."""
     import json
 
     script = os.path.join(REPO_ROOT, "benchmarks", "bench_finetune.py")
@@ -110,15 +110,35 @@ def test_benchmark_runs_on_the_cpu(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, script, "--device", "cpu", "--config", "tiny", "--batch_size", "2", "--resolution", "32",
-         "--steps", "2", "--warmup", "1", "--mixed_precision", "no", "--compile", "--compiled_variants", "ssreg",
+         "--steps", "2", "--warmup", "1", "--mixed_precision", "no", "--variants", "stock,ssreg,plain,spectrum_matching",
+         "--compile", "--compiled_variants", "ssreg,spectrum_matching",
          "--output_json", str(out), "--output_md", str(tmp_path / "bench.md")],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     labels = [r["label"] for r in report["results"]]
-    assert labels == ["stock", "ssreg", "plain", "ssreg (compiled)"]
+    assert labels == ["stock", "ssreg", "plain", "spectrum_matching", "ssreg (compiled)", "spectrum_matching (compiled)"]
     for r in report["results"]:
-        assert r["images_per_s"] > 0 and r["flops_per_step"] > 0 and r["timed_steps"] >= 1
-    assert {"ssreg_eager_over_stock_eager", "ssreg_eager_over_plain_eager", "ssreg_compiled_over_stock_eager"} <= set(report["ratios"])
-    assert "| ssreg (compiled) |" in (tmp_path / "bench.md").read_text()
+        assert r["images_per_s"] > 0 and r["flops_per_step"] > 0 and r["timed_steps"] >= 1 and math.isfinite(r["final_loss"])
+    assert {"ssreg_eager_over_stock_eager", "ssreg_eager_over_plain_eager", "ssreg_compiled_over_stock_eager",
+            "spectrum_matching_eager_over_ssreg_eager", "spectrum_matching_compiled_over_ssreg_compiled",
+            "spectrum_matching_compiled_over_stock_eager"} <= set(report["ratios"])  # fmt: skip
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| ssreg (compiled) |" in markdown and "| spectrum_matching (compiled) |" in markdown
+
+
+def test_benchmark_flags_name_every_method():
+    """`--regularizer` picks the variants timed beside stock and SSReg; an unknown name is an error naming its flag."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+    import bench_finetune
+
+    from diffusers_ssreg import REGULARIZERS
+
+    assert bench_finetune.parse_args([]).variants == "stock,ssreg,plain"
+    assert bench_finetune.parse_args(["--regularizer", "eqvae"]).variants == "stock,ssreg,eqvae"
+    assert bench_finetune.parse_args(["--regularizer", "all"]).variants.split(",") == ["stock", *REGULARIZERS]
+    for argv, flag in ((["--regularizer", "vqgan"], "--regularizer"), (["--variants", "stock,eqvea"], "--variants"),
+                       (["--compiled_variants", "ssreg,spectral"], "--compiled_variants")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"{flag}: unknown \['(vqgan|eqvea|spectral)'\]; allowed: .*ssreg, eqvae"):
+            bench_finetune.parse_args(argv)

@@ -1,6 +1,7 @@
 """examples/finetune_vae.py end to end, through real `accelerate launch` subprocesses (CPU, offline)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -67,6 +68,31 @@ def base_args(workspace, output_dir, steps):
             "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--seed", "3", *FAST]  # fmt: skip
 
 
+# Each other method's own flags for a few-step run on the tiny VAE (its shared fields through its own prefix),
+# with a non-default value that must reach its saved config: (extra flags, (field, value) to find saved).
+METHOD_FLAGS = {
+    "eqvae": (["--eqvae_low_resolution_probability", "1"], ("low_resolution_probability", 1.0)),
+    "scale_equivariance": (["--se_lambda_se", "0.5"], ("lambda_se", 0.5)),
+    "spectrum_matching": (["--sm_dsm_mask_levels", "0,8"], ("dsm_mask_levels", [0, 8])),
+    "none": (["--plain_kl_weight", "1e-5"], ("kl_weight", 1e-5)),
+}
+# A term each method logs beside the loss (train_metrics.jsonl).
+METHOD_TERMS = {"eqvae": "eq_mae", "scale_equivariance": "se_mae", "spectrum_matching": "esm", "none": "rec_mae"}
+
+
+def method_args(workspace, output_dir, steps, regularizer):
+    """`base_args` for `--regularizer <regularizer>`: the shared fields through that method's own flags."""
+    from diffusers_ssreg import REGULARIZERS
+
+    prefix = REGULARIZERS[regularizer].flag_prefix
+    return ["--model_config_name_or_path", workspace["config"], "--train_data_dir", workspace["images"],
+            "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--seed", "3", "--resolution", "32",
+            "--train_batch_size", "2", "--learning_rate", "1e-3", "--num_validation_images", "1", "--report_to", "none",
+            "--logging_steps", "1", "--regularizer", regularizer, f"--{prefix}lambda_lpips", "0",
+            f"--{prefix}freeze_encoder_blocks", "1", f"--{prefix}freeze_decoder_blocks", "1",
+            *METHOD_FLAGS[regularizer][0]]  # fmt: skip
+
+
 def vae_weights(folder):
     return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
@@ -124,6 +150,88 @@ def test_train_checkpoint_resume_and_export(workspace, tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 3, 32, 32])" in out.stdout
+
+
+def test_every_regularizer_trains_checkpoints_and_exports_a_stock_vae(workspace, tmp_path):
+    """
+    `--regularizer X` for the four other methods, two steps each (a checkpoint after each, validation at step 1
+    and at the end): a stock AutoencoderKL folder, the method's config in its own subfolder and on the card. EQ-VAE
+    is then resumed from its step-1 checkpoint (the load hook of a stateless method) to bit-identical weights.
+    """
+    from diffusers_ssreg import REGULARIZERS, load_regularizer
+
+    outputs = {}
+    for name in METHOD_FLAGS:
+        spec, output = REGULARIZERS[name], tmp_path / name
+        launch(method_args(workspace, output, 2, name) + ["--checkpointing_steps", "1"])
+        outputs[name] = output
+        config = json.loads((output / "config.json").read_text())
+        assert config["_class_name"] == "AutoencoderKL" and not any(name in k for k in config), name
+        assert [p for p in os.listdir(output) if p in {s.subfolder for s in REGULARIZERS.values()}] == [spec.subfolder]
+        saved = json.loads((output / spec.subfolder / spec.config_class.config_name).read_text())
+        field, value = METHOD_FLAGS[name][1]
+        assert saved["_regularizer"] == name and saved[field] == value and saved["freeze_encoder_blocks"] == 1, saved
+        for step in (1, 2):
+            assert sorted(os.listdir(output / f"checkpoint-{step}" / spec.subfolder)) == [spec.config_class.config_name]
+            assert (output / f"checkpoint-{step}" / "vae" / "config.json").is_file()
+        card = (output / "README.md").read_text()
+        assert f"(`--regularizer {name}`)" in card and f"(`{spec.config_class.__name__}`)" in card, name
+        assert f"| `{field}` | `{value}` |" in card and "state-space parameters" not in card, name
+        metrics = read_metrics(output)
+        assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics), name
+        assert METHOD_TERMS[name] in metrics[0], (name, metrics[0])
+        assert sorted(p for p in os.listdir(output / "validation") if p.startswith("metrics-")) == [
+            "metrics-000001.json", "metrics-000002.json"
+        ]  # fmt: skip
+        vae = AutoencoderKL.from_pretrained(output)
+        regularizer = load_regularizer(str(output), vae, subfolder=spec.subfolder)
+        assert isinstance(regularizer, spec.regularizer_class) and regularizer.config.to_dict()[field] == saved[field]
+
+    # the load hook of a stateless method: resumed at step 1, the run ends on the very same weights
+    before = vae_weights(outputs["eqvae"])
+    result = launch(method_args(workspace, outputs["eqvae"], 2, "eqvae") + ["--resume_from_checkpoint", "checkpoint-1"])
+    assert "Resuming from" in result.stdout + result.stderr
+    assert max_difference(before, vae_weights(outputs["eqvae"])) < 1e-6
+
+    # stock diffusers loads every export in a process that never imports diffusers_ssreg
+    probe = (
+        "import sys, torch; from diffusers import AutoencoderKL\n"
+        f"for folder in {[str(p) for p in outputs.values()]!r}:\n"
+        "    vae = AutoencoderKL.from_pretrained(folder); x = torch.zeros(1, 3, 32, 32)\n"
+        "    print(vae.decode(vae.encode(x).latent_dist.mode()).sample.shape)\n"
+        "assert 'diffusers_ssreg' not in sys.modules"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("torch.Size([1, 3, 32, 32])") == len(outputs)
+
+
+def test_bad_regularizer_flags_fail_naming_the_flag(workspace, tmp_path, capsys):
+    """Bad values of the generated flags, another method's flag, an unknown method, a checkpoint of another method."""
+    for name, extra, match in (
+        ("eqvae", ["--eqvae_scales", "0,2"], r"invalid --eqvae_\* flag --eqvae_scales: `scales` must be .*\(0, 1\]"),
+        ("scale_equivariance", ["--se_probability", "2"], r"--se_probability: `probability` must be <= 1"),
+        ("spectrum_matching", ["--sm_pre_blur", "sometimes"], r"--sm_pre_blur: `pre_blur` must be one of"),
+        ("none", ["--ssreg_alpha", "0"], r"--ssreg_alpha is for --regularizer ssreg, but --regularizer is none"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            finetune_vae.parse_args(method_args(workspace, tmp_path / "bad", 2, name) + extra)
+    with pytest.raises(SystemExit):
+        finetune_vae.parse_args(["--regularizer", "vqgan"])
+    assert "--regularizer: invalid choice: 'vqgan'" in capsys.readouterr().err
+    (tmp_path / "bad" / "checkpoint-4" / "ssreg").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"saved with --regularizer ssreg, but this run has --regularizer eqvae"):
+        finetune_vae.parse_args(method_args(workspace, tmp_path / "bad", 8, "eqvae") + ["--resume_from_checkpoint", "latest"])
+    # LPIPS could not measure the smallest images a method compares: refused before training
+    args = finetune_vae.parse_args(
+        method_args(workspace, tmp_path / "small", 2, "scale_equivariance")
+        + ["--se_lambda_lpips", "0.1", "--se_lpips_net", "alex", "--se_lpips_pretrained_backbone", "false"]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"LPIPS \('alex'\) needs images of at least 31x31.*8x8.*--resolution 32"):
+        finetune_vae.main(args)
+    assert not (tmp_path / "small").exists() or not any(p.startswith("checkpoint") for p in os.listdir(tmp_path / "small"))
 
 
 def test_interrupted_run_with_gradient_accumulation_resumes_at_the_right_batch(workspace, tmp_path):

@@ -2,11 +2,12 @@
 
     ssreg-eval reconstruction --vae A [--vae B ...] --data_dir IMAGES --output_dir OUT
     ssreg-eval latent         --vae A [--vae B ...] --data_dir IMAGES --output_dir OUT
-    ssreg-eval compare        --vae A --vae B       --data_dir IMAGES --output_dir OUT   (both, one report)
+    ssreg-eval compare        --vae A --vae B [...] --data_dir IMAGES --output_dir OUT   (both, one report)
     ssreg-eval generation     --samples SAMPLES --reference REFERENCE --output_dir OUT
 
 Every subcommand writes JSON results and `report.md` (a markdown table, one row per model) into
-`--output_dir`; the latent analyses also write PNG figures with all VAEs side by side. From Python,
+`--output_dir`; the latent analyses also write PNG figures with all VAEs side by side. A VAE folder
+written by `examples/finetune_vae.py` is labelled with the regularizer it was fine-tuned with. From Python,
 `run([...])` does the same and returns the results dict; `main` is the console entry point.
 """
 
@@ -193,6 +194,29 @@ def load_vae(pretrained_model_name_or_path: str, subfolder: Optional[str] = None
     return load(pretrained_model_name_or_path, subfolder, flag="--vae", torch_dtype=torch_dtype)
 
 
+def saved_regularizer(pretrained_model_name_or_path: str, subfolder: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """
+    The regularizer a VAE was fine-tuned with, when its local folder holds the one `examples/finetune_vae.py` saves
+    beside it (`ssreg/`, `eqvae/`, ..., `plain/`): `{"name", "label", "subfolder", "config"}`, else None (a Hub id,
+    or a VAE trained elsewhere). `label` is the name, marked when SSReg ran with `alpha` 0 (plain fine-tuning).
+    """
+    import json
+
+    from ..regularizers import REGULARIZERS
+
+    folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+    if not os.path.isdir(folder):
+        return None
+    for spec in REGULARIZERS.values():
+        path = os.path.join(folder, spec.subfolder, spec.config_class.config_name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+            label = f"{spec.name} (alpha 0)" if spec.name == "ssreg" and config.get("alpha") == 0 else spec.name
+            return {"name": spec.name, "label": label, "subfolder": spec.subfolder, "config": config}
+    return None
+
+
 def _vae_names(args: argparse.Namespace) -> List[str]:
     names = list(args.vae_name) if args.vae_name else []
     if not names:
@@ -254,7 +278,8 @@ def _run_vaes(args: argparse.Namespace, reconstruction: bool, latent: bool) -> D
         subfolder = resolve_subfolder(path, subfolder)
         vae = load_vae(path, subfolder, DTYPES[args.dtype]).to(device).eval()
         entry: Dict[str, Any] = {"vae": {"pretrained_model_name_or_path": path, "subfolder": subfolder,
-                                         "latent_channels": vae.config.latent_channels}}
+                                         "latent_channels": vae.config.latent_channels,
+                                         "regularizer": saved_regularizer(path, subfolder)}}
         if reconstruction:
             entry["reconstruction"] = evaluate_reconstruction(
                 vae, source, batch_size=args.batch_size, resolution=resolution, max_samples=args.max_samples,

@@ -147,14 +147,18 @@ def plot_unmasking_psnr(results: Mapping[str, UnmaskingResult], path: Optional[s
 
 def plot_power_spectrum(results: Mapping[str, PowerSpectrumResult], path: Optional[str] = None):
     """
-    Per model, the radially averaged PSD of each centred latent channel (coloured by frequency group
+    Per model (three to a row), the radially averaged PSD of each centred latent channel (coloured by frequency group
     w + h, dark = low) against cycles per image, each curve divided by its value at 1 cycle per image so
     that the decays can be compared; the images' own spectrum is the dashed black line.
     """
     _check_results(results, PowerSpectrumResult, "latent_power_spectrum")
     colormaps = require("matplotlib.cm", "plotting", "matplotlib")
-    figure = _figure(4.2 * len(results), 3.8)
-    axes = figure.subplots(1, len(results), squeeze=False)[0]
+    columns = min(len(results), 3)  # many models wrap onto several rows
+    rows = math.ceil(len(results) / columns)
+    figure = _figure(4.2 * columns, 3.8 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(results) :]:
+        ax.axis("off")
     for ax, (label, result) in zip(axes, results.items()):
         latent_cycles = (result.frequencies * result.latent_size[1]).numpy()
         image_cycles = (result.image_frequencies * result.image_size[1]).numpy()

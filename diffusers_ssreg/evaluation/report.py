@@ -101,6 +101,9 @@ def write_report(
     notes: List[str] = []
     for name, result in results.items():
         row: Dict[str, Any] = {}
+        regularizer = (result.get("vae") or {}).get("regularizer")
+        if regularizer:  # the method a VAE was fine-tuned with (examples/finetune_vae.py's saved folder)
+            row["regularizer"] = regularizer.get("label", regularizer.get("name"))
         for section in ("reconstruction", "generation"):
             if result.get(section):
                 count = result[section].get("num_images", result[section].get("num_samples"))
@@ -130,10 +133,17 @@ def write_report(
         lines += [f"**Data:** {data_description}", ""]
     if command:
         lines += ["**Command:**", "", f"```\n{command}\n```", ""]
-    lines += [markdown_table(rows), ""]
+    columns: List[str] = ["regularizer"] if any("regularizer" in r for r in rows.values()) else []
+    for values in rows.values():
+        columns.extend(k for k in values if k not in columns)
+    lines += [markdown_table(rows, columns), ""]
     used_latent = [c for c in LATENT_COLUMNS if any(c in r for r in rows.values())]
-    if used_latent:
+    if used_latent or "regularizer" in columns:
         lines.append("Columns:")
+        if "regularizer" in columns:
+            lines.append("- `regularizer`: the `--regularizer` of `examples/finetune_vae.py` the VAE was fine-tuned with, "
+                         "read from its saved folder beside the weights (its config is in the JSON results; – : none "
+                         "found).")
         lines += [f"- `{c}`: {LATENT_COLUMNS[c][0]}." for c in used_latent]
         lines.append("")
     if notes:
