@@ -74,8 +74,9 @@ def compile_modules(regularizer, activation_memory_budget: Optional[float] = Non
 
 def load_vae(args) -> AutoencoderKL:
     """
-    The AutoencoderKL named by --pretrained_model_name_or_path or --model_config_name_or_path (random init), its
-    class checked before any weights load (`diffusers_ssreg.vae`): every error names the flag.
+    The VAE named by --pretrained_model_name_or_path or --model_config_name_or_path (random init): an
+    `AutoencoderKL` or `AutoencoderKLFlux2`, its class checked before any weights load (`diffusers_ssreg.vae`):
+    every error names the flag.
     """
     from .vae import load_vae as load
 
@@ -105,7 +106,8 @@ def weights_checksum(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-dim buffer (e.g. a BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -196,16 +198,26 @@ def transition_summary(regularizer) -> str:
     return f"diagonal [{diagonal}]; relative change from the initial A: {change:.3e}"
 
 
-def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]], data_description, total_batch, accelerator):
-    """Renders model_cards/vae_card.md into `output_dir/README.md`."""
+def write_vae_model_card(
+    args, regularizer, metrics: Optional[Dict[str, float]], data_description, total_batch, accelerator,
+    base_normalization=None, latent_statistics=None,
+):  # fmt: skip
+    """
+    Renders model_cards/vae_card.md into `output_dir/README.md`. `base_normalization` (the base model's
+    `latent_statistics.latent_normalization`) and `latent_statistics` (when they were recomputed) describe the
+    exported latent normalization beside the base model's.
+    """
     from .hub import render_model_card
+    from .latent_statistics import describe_normalization, latent_normalization
 
     vae = regularizer.vae
+    if base_normalization is None:
+        base_normalization = latent_normalization(vae)
     base = args.pretrained_model_name_or_path
     card = render_model_card(
         "vae_card.md",
         base_model=base if base and not os.path.isdir(base) else None,
-        tags=["autoencoderkl", "vae", "ssreg", "state-space-regularization"],
+        tags=[type(vae).__name__.lower(), "vae", "ssreg", "state-space-regularization"],
         model_name=os.path.basename(os.path.normpath(args.output_dir)),
         repo_id=args.hub_model_id or args.output_dir,
         demo_note=(
@@ -217,8 +229,8 @@ def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]],
         basis=regularizer.config.basis,
         latent_channels=vae.config.latent_channels,
         downsampling_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        scaling_factor=vae.config.scaling_factor,
-        shift_factor=vae.config.shift_factor,
+        vae_class=type(vae).__name__,
+        latent_normalization=describe_normalization(vae, base_normalization, latent_statistics),
         base_model_name=base or ("random init (demo)" if args.demo else args.model_config_name_or_path),
         dataset_description=data_description,
         max_train_steps=args.max_train_steps,

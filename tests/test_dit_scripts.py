@@ -137,7 +137,9 @@ def test_cache_input_errors(workspace, tmp_path):
     with pytest.raises(ValueError, match="exactly one of --train_data_dir"):
         cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--dataset_name", "x"))
     # the cache takes both supported classes (an AutoencoderKLFlux2 caches its raw 4-channel latents); others are refused
-    flux2 = cache_latents.parse_args(cache_args(workspace, tmp_path / "c") + ["--pretrained_vae_model_name_or_path", str(flux2_vae(tmp_path))])
+    flux2 = cache_latents.parse_args(
+        cache_args(workspace, tmp_path / "c") + ["--pretrained_vae_model_name_or_path", str(flux2_vae(tmp_path))]
+    )
     assert cache_latents.check_vae(flux2)[0]["_class_name"] == "AutoencoderKLFlux2"
     cosmos = save_unsupported_vae_config(tmp_path / "cosmos")
     other = cache_latents.parse_args(cache_args(workspace, tmp_path / "c") + ["--pretrained_vae_model_name_or_path", cosmos])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_flux2_vae, make_tiny_vae, photo_crops, save_unsupported_vae_config
-from diffusers_ssreg import REGULARIZERS, SSRegConfig, StateSpaceRegularizer, build_regularizer
+from diffusers_ssreg import REGULARIZERS, StateSpaceRegularizer, build_regularizer
 from diffusers_ssreg.basis import channel_to_basis_index
 from diffusers_ssreg.latent_statistics import apply_latent_statistics, estimate_latent_statistics
 from diffusers_ssreg.vae import SUPPORTED_VAE_CLASSES, check_vae_instance, load_vae, load_vae_config
