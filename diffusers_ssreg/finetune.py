@@ -20,6 +20,7 @@ DEMO_FLAGS = {
     "train_batch_size": (32, 8),
     "learning_rate": (1e-5, 1e-3),
     "max_train_steps": (None, 400),
+    "latent_statistics_batches": (100, 20),
 }
 # The demo trains a random-init VAE from scratch on CPU: nothing is pretrained, so no block is frozen,
 # and LPIPS is off (its VGG backbone needs a download). Every flag can still override these.

@@ -112,7 +112,7 @@ def parse_args(input_args=None):
                         "weights and write it into the exported config (docs/finetune.md). (default: on)")
     parser.add_argument("--no_recompute_latent_statistics", dest="recompute_latent_statistics", action="store_false",
                         help="Export the base model's latent normalization unchanged. (default: off)")
-    parser.add_argument("--latent_statistics_batches", type=int, default=100,
+    parser.add_argument("--latent_statistics_batches", type=int, default=None,
                         help="Batches of --train_batch_size training images per process for the latent statistics.")
     parser.add_argument("--channels_last", action="store_true",
                         help="channels_last memory format (measured slower for the Flux VAE: docs/benchmarks.md).")
