@@ -1,5 +1,5 @@
-"""diffusers-ssreg: Structured State-Space Regularization (arXiv 2604.11089) for diffusers' AutoencoderKL,
-beside the latent regularizers it is compared with (EQ-VAE, scale equivariance, spectrum matching)."""
+"""diffusers-ssreg: Structured State-Space Regularization (arXiv 2604.11089) for diffusers' AutoencoderKL and
+AutoencoderKLFlux2, beside the latent regularizers it is compared with (EQ-VAE, scale equivariance, spectrum matching)."""
 
 __version__ = "0.1.0.dev0"
 

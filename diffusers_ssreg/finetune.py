@@ -21,6 +21,7 @@ DEMO_FLAGS = {
     "train_batch_size": (32, 8),
     "learning_rate": (1e-5, 1e-3),
     "max_train_steps": (None, 400),
+    "latent_statistics_batches": (100, 20),
 }
 # The demo trains a random-init VAE from scratch on CPU: nothing is pretrained, so no block is frozen,
 # and LPIPS is off (its VGG backbone needs a download). These fields are shared by every regularizer's
@@ -102,8 +103,9 @@ def compile_modules(regularizer, activation_memory_budget: Optional[float] = Non
 
 def load_vae(args) -> AutoencoderKL:
     """
-    The AutoencoderKL named by --pretrained_model_name_or_path or --model_config_name_or_path (random init), its
-    class checked before any weights load (`diffusers_ssreg.vae`): every error names the flag.
+    The VAE named by --pretrained_model_name_or_path or --model_config_name_or_path (random init): an
+    `AutoencoderKL` or `AutoencoderKLFlux2`, its class checked before any weights load (`diffusers_ssreg.vae`):
+    every error names the flag.
     """
     from .vae import load_vae as load
 
@@ -134,7 +136,8 @@ def weights_checksum(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-dim buffer (e.g. a BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -305,11 +308,21 @@ def regularizer_card_fields(regularizer) -> dict:
     return fields
 
 
-def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]], data_description, total_batch, accelerator):
-    """Renders model_cards/vae_card.md into `output_dir/README.md`: the VAE, its training and the regularizer."""
+def write_vae_model_card(
+    args, regularizer, metrics: Optional[Dict[str, float]], data_description, total_batch, accelerator,
+    base_normalization=None, latent_statistics=None,
+):  # fmt: skip
+    """
+    Renders model_cards/vae_card.md into `output_dir/README.md`. `base_normalization` (the base model's
+    `latent_statistics.latent_normalization`) and `latent_statistics` (when they were recomputed) describe the
+    exported latent normalization beside the base model's.
+    """
     from .hub import render_model_card
+    from .latent_statistics import describe_normalization, latent_normalization
 
     vae = regularizer.vae
+    if base_normalization is None:
+        base_normalization = latent_normalization(vae)
     base = args.pretrained_model_name_or_path
     method = regularizer_card_fields(regularizer)
     tags = method.pop("tags")
@@ -318,7 +331,7 @@ def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]],
     card = render_model_card(
         "vae_card.md",
         base_model=base if base and not os.path.isdir(base) else None,
-        tags=["autoencoderkl", "vae", *tags],
+        tags=[type(vae).__name__.lower(), "vae", *tags],
         model_name=os.path.basename(os.path.normpath(args.output_dir)),
         repo_id=args.hub_model_id or args.output_dir,
         demo_note=(
@@ -329,8 +342,8 @@ def write_vae_model_card(args, regularizer, metrics: Optional[Dict[str, float]],
         ),
         latent_channels=vae.config.latent_channels,
         downsampling_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        scaling_factor=vae.config.scaling_factor,
-        shift_factor=vae.config.shift_factor,
+        vae_class=type(vae).__name__,
+        latent_normalization=describe_normalization(vae, base_normalization, latent_statistics),
         base_model_name=base or ("random init (demo)" if args.demo else args.model_config_name_or_path),
         dataset_description=data_description,
         max_train_steps=args.max_train_steps,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from diffusers_ssreg import data as ssreg_data
 from diffusers_ssreg.images import extensions_text
 from diffusers_ssreg.training import HelpFormatter, add_deprecated_alias
-from diffusers_ssreg.vae import load_vae, load_vae_config
+from diffusers_ssreg.vae import SUPPORTED_VAE_CLASSES, load_vae, load_vae_config
 from diffusers_ssreg.dit import (
     CACHE_CONFIG_NAME,
     CACHE_STATS_NAME,
@@ -52,7 +52,8 @@ logger = get_logger(__name__, log_level="INFO")
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=HelpFormatter)
     # VAE
-    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, required=True, help="AutoencoderKL folder or Hub id.")
+    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, required=True,
+                        help="VAE folder or Hub id: an AutoencoderKL or an AutoencoderKLFlux2 (raw latents are cached).")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE, e.g. 'vae' in a pipeline repo.")
     parser.add_argument("--revision", type=str, default=None, help="Hub revision of the VAE.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant, e.g. 'fp16'.")
@@ -199,7 +200,8 @@ def encode_shard(vae, dataset, indices, args, accelerator, generator, progress):
 def check_vae(args):
     """The VAE's config (its class checked) and the latent size; ValueError when --resolution doesn't fit the VAE and the DiT patch."""
     vae_config = load_vae_config(
-        args.pretrained_vae_model_name_or_path, args.vae_subfolder, args.revision, flag="--pretrained_vae_model_name_or_path"
+        args.pretrained_vae_model_name_or_path, args.vae_subfolder, args.revision, flag="--pretrained_vae_model_name_or_path",
+        classes=SUPPORTED_VAE_CLASSES,
     )
     return vae_config, check_resolution(args.resolution, vae_downsampling_factor(vae_config), args.patch_size)
 

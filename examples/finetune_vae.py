@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """
-Fine-tune a diffusers AutoencoderKL with SSReg (arXiv 2604.11089) or another latent regularizer.
+Fine-tune a diffusers AutoencoderKL or AutoencoderKLFlux2 with SSReg (arXiv 2604.11089) or another latent regularizer.
 
     accelerate launch examples/finetune_vae.py \
         --pretrained_model_name_or_path black-forest-labs/FLUX.1-schnell --vae_subfolder vae \
@@ -10,8 +10,9 @@ Fine-tune a diffusers AutoencoderKL with SSReg (arXiv 2604.11089) or another lat
 none is plain reconstruction fine-tuning); each method's fields are flags with its own prefix
 (`--ssreg_*`, `--eqvae_*`, `--se_*`, `--sm_*`, `--plain_*`; docs/method.md). With no model and no data
 arguments it runs an offline demo: a small random-init Flux-architecture VAE trained on real
-photographs shipped with scikit-image. The result is a stock `AutoencoderKL` folder
-(`AutoencoderKL.from_pretrained(output_dir)`), the regularizer's config and state in a subfolder named
+photographs shipped with scikit-image. The result is a stock VAE folder of the base model's class
+(`AutoencoderKL.from_pretrained(output_dir)`) whose latent normalization is recomputed for the new
+latents (`--recompute_latent_statistics`), the regularizer's config and state in a subfolder named
 after the method (`output_dir/ssreg`, `output_dir/eqvae`, ...) and Accelerate checkpoints in
 `output_dir/checkpoint-*`.
 """
@@ -20,11 +21,11 @@ import argparse
 import json
 import math
 import os
+import time
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
-from diffusers import AutoencoderKL
 
 from diffusers_ssreg import data as ssreg_data
 from diffusers_ssreg.finetune import (
@@ -41,6 +42,12 @@ from diffusers_ssreg.finetune import (
     write_vae_model_card,
 )
 from diffusers_ssreg.images import extensions_text
+from diffusers_ssreg.latent_statistics import (
+    apply_latent_statistics,
+    estimate_latent_statistics,
+    format_normalization,
+    latent_normalization,
+)
 from diffusers_ssreg.regularizers import (
     add_regularizer_arguments,
     build_regularizer,
@@ -74,7 +81,8 @@ def parse_args(input_args=None):
         description=__doc__.split("\n\n")[0], epilog=demo_description(), formatter_class=HelpFormatter
     )
     # model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Hub id or folder of an AutoencoderKL.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                        help="Hub id or folder of the VAE: an AutoencoderKL or an AutoencoderKLFlux2.")
     parser.add_argument("--vae_subfolder", type=str, default=None, help="Subfolder of the VAE, e.g. 'vae' in a pipeline repo.")
     parser.add_argument("--revision", type=str, default=None, help="Hub revision of the model.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant, e.g. 'fp16'.")
@@ -109,6 +117,14 @@ def parse_args(input_args=None):
     parser.add_argument("--activation_memory_budget", type=float, default=None,
                         help="With --compile: fraction of activations kept for the backward (0, 1]; "
                         "lower recomputes more and saves memory.")
+    parser.add_argument("--recompute_latent_statistics", action="store_true", default=True,
+                        help="At the end, estimate the latent normalization (scaling_factor/shift_factor, latents_mean/"
+                        "latents_std, or the FLUX.2 VAE's BatchNorm statistics) over the training data with the final "
+                        "weights and write it into the exported config (docs/finetune.md). (default: on)")
+    parser.add_argument("--no_recompute_latent_statistics", dest="recompute_latent_statistics", action="store_false",
+                        help="Export the base model's latent normalization unchanged. (default: off)")
+    parser.add_argument("--latent_statistics_batches", type=int, default=None,
+                        help="Batches of --train_batch_size training images per process for the latent statistics.")
     parser.add_argument("--channels_last", action="store_true",
                         help="channels_last memory format (measured slower for the Flux VAE: docs/benchmarks.md).")
     # None = the real-run or demo default of DEMO_FLAGS (the help texts state both); the paper's clipping norm
@@ -141,7 +157,8 @@ def parse_args(input_args=None):
     if args.validation_split and not args.dataset_name:
         raise ValueError("--validation_split needs --dataset_name.")
     check_training_arguments(
-        args, positive=("resolution", "num_train_epochs", "train_data_repeats"), optional_positive=("max_train_samples",)
+        args, positive=("resolution", "num_train_epochs", "train_data_repeats", "latent_statistics_batches"),
+        optional_positive=("max_train_samples",),
     )
     if args.random_resized_crop_scale is not None:
         low, high = args.random_resized_crop_scale
@@ -253,7 +270,7 @@ def main(args):
     def load_model_hook(models, input_dir):
         while models:
             reg = unwrap(accelerator, models.pop())
-            loaded = AutoencoderKL.from_pretrained(input_dir, subfolder="vae")
+            loaded = type(reg.vae).from_pretrained(input_dir, subfolder="vae")
             reg.vae.load_state_dict(loaded.state_dict())  # in place: the optimizer keeps its parameters
             reg.load_regularizer_state(os.path.join(input_dir, reg.subfolder))
 
@@ -332,13 +349,28 @@ def main(args):
             raise RuntimeError(f"ranks ended with different weights: {checksums}")
         metrics = validate_and_log(raw, validation_batch, accelerator, global_step, args.output_dir)
 
+    # --- the latent normalization of the new latents, over the training data, all processes reduced ---
+    base_normalization, statistics = latent_normalization(raw.vae), None
+    if args.recompute_latent_statistics:
+        started = time.perf_counter()
+        train_dataset.set_epoch(0)
+        statistics = estimate_latent_statistics(
+            raw.vae, train_dataset, args.latent_statistics_batches, args.train_batch_size, accelerator, seed=args.seed,
+            num_workers=args.dataloader_num_workers, collate_fn=ssreg_data.collate_examples,
+        )  # fmt: skip
+        _, normalization = apply_latent_statistics(raw.vae, statistics)
+        logger.info(f"Latent statistics over {statistics.num_images} images ({time.perf_counter() - started:.1f} s): "
+                    f"{format_normalization(normalization)}")
+
     def write(folder):
         raw.save_pretrained(os.path.join(folder, raw.subfolder))  # its config names the method
-        raw.unwrap().save_pretrained(folder)  # the very same AutoencoderKL, its config untouched
+        raw.unwrap().save_pretrained(folder)  # the very same VAE, only its latent normalization updated
 
     def write_card():
-        write_vae_model_card(args, raw, metrics, data_description, loop.total_batch_size, accelerator)
-        logger.info(f"Saved the fine-tuned VAE to {args.output_dir} (load it with AutoencoderKL.from_pretrained).")
+        write_vae_model_card(
+            args, raw, metrics, data_description, loop.total_batch_size, accelerator, base_normalization, statistics
+        )
+        logger.info(f"Saved the fine-tuned VAE to {args.output_dir} (load it with {type(raw.vae).__name__}.from_pretrained).")
 
     loop.finish(write, write_card)
 

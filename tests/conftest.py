@@ -85,6 +85,34 @@ def make_tiny_vae(
     )
 
 
+def make_tiny_flux2_vae(latent_channels: int = 8, block_out_channels: Sequence[int] = (8, 16), seed: int = 0):
+    """A few-thousand-parameter `AutoencoderKLFlux2` (quant convs, BatchNorm over 2x2 patches), seeded."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    blocks = len(block_out_channels)
+    return AutoencoderKLFlux2(
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
+
+
+def save_unsupported_vae_config(folder) -> str:
+    """A folder holding only the `config.json` of an `AutoencoderKLCosmos`, a VAE class the package refuses."""
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    config = {"_class_name": "AutoencoderKLCosmos", "_diffusers_version": "0.42.1", "latent_channels": 16}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
 def fast_config(**overrides):
     """An `SSRegConfig` for CPU tests: LPIPS off unless asked for (then AlexNet with a random backbone)."""
     from diffusers_ssreg import SSRegConfig

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, DiTPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, save_unsupported_vae_config
 from diffusers_ssreg import dit
 from diffusers_ssreg import lightningdit as ld
 from diffusers_ssreg.models import LightningDiTTransformer2DModel
@@ -119,7 +119,7 @@ def test_cache_holds_latents_of_images_and_their_flips(workspace, cache):
 
 
 def flux2_vae(folder):
-    """A tiny AutoencoderKLFlux2 folder: another VAE class, which no script may load as an AutoencoderKL."""
+    """A tiny AutoencoderKLFlux2 folder: the DiT scripts, which decode through an AutoencoderKL, refuse it."""
     from diffusers import AutoencoderKLFlux2
 
     AutoencoderKLFlux2(
@@ -140,9 +140,15 @@ def test_cache_input_errors(workspace, tmp_path):
         cache_latents.build_dataset(cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--train_data_dir", str(flat))))
     with pytest.raises(ValueError, match="exactly one of --train_data_dir"):
         cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--dataset_name", "x"))
-    flux2 = cache_latents.parse_args(cache_args(workspace, tmp_path / "c") + ["--pretrained_vae_model_name_or_path", str(flux2_vae(tmp_path))])
-    with pytest.raises(ValueError, match="holds a model of class AutoencoderKLFlux2; supported VAE classes: AutoencoderKL"):
-        cache_latents.check_vae(flux2)
+    # the cache takes both supported classes (an AutoencoderKLFlux2 caches its raw 4-channel latents); others are refused
+    flux2 = cache_latents.parse_args(
+        cache_args(workspace, tmp_path / "c") + ["--pretrained_vae_model_name_or_path", str(flux2_vae(tmp_path))]
+    )
+    assert cache_latents.check_vae(flux2)[0]["_class_name"] == "AutoencoderKLFlux2"
+    cosmos = save_unsupported_vae_config(tmp_path / "cosmos")
+    other = cache_latents.parse_args(cache_args(workspace, tmp_path / "c") + ["--pretrained_vae_model_name_or_path", cosmos])
+    with pytest.raises(ValueError, match="class AutoencoderKLCosmos; supported VAE classes: AutoencoderKL, AutoencoderKLFlux2"):
+        cache_latents.check_vae(other)
     with pytest.warns(FutureWarning, match="--max_samples is now called --max_train_samples"):
         assert cache_latents.parse_args(cache_args(workspace, tmp_path / "c", "--max_samples", "3")).max_train_samples == 3
 

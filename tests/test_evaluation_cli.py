@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_tiny_flux2_vae, save_unsupported_vae_config
 from diffusers_ssreg.evaluation import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
 from diffusers_ssreg.evaluation.cli import main, parse_args, run
 
@@ -166,15 +167,24 @@ def test_offline_lpips_hint_names_the_cli_flag(workspace, tmp_path, monkeypatch)
     assert "ssreg_lambda_lpips" not in str(error.value)  # the training flag means nothing to ssreg-eval
 
 
-def test_another_vae_class_and_the_renamed_subfolder_flag(workspace, tmp_path):
-    from diffusers import AutoencoderKLFlux2
+def test_flux2_vae_is_evaluated(workspace, tmp_path):
+    vae = make_tiny_flux2_vae(latent_channels=4)
+    vae.save_pretrained(tmp_path / "flux2")
+    run(["reconstruction", "--vae", str(tmp_path / "flux2"), "--data_dir", workspace["images"], "--resolution", "32",
+         "--feature_extractor", "none", "--lpips_net", "none", "--output_dir", str(tmp_path / "rec"), "--no_progress"])
+    saved = json.loads((tmp_path / "rec" / "reconstruction.json").read_text())
+    assert saved["models"]["flux2"]["reconstruction"]["num_images"] == 4
+    run(["latent", "--vae", str(tmp_path / "flux2"), "--data_dir", workspace["images"], "--resolution", "32",
+         "--analyses", "statistics", "--output_dir", str(tmp_path / "lat"), "--no_progress"])
+    statistics = json.loads((tmp_path / "lat" / "latent.json").read_text())["models"]["flux2"]["latent"]["statistics"]
+    assert len(statistics["mean"]) == 4 and statistics["configured_scaling_factor"] is None  # the raw 4-channel latents
 
-    AutoencoderKLFlux2(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=4, layers_per_block=1, patch_size=(1, 1),
-    ).save_pretrained(tmp_path / "flux2")  # fmt: skip
-    with pytest.raises(ValueError, match="--vae '.*flux2' holds a model of class AutoencoderKLFlux2"):
-        run(["latent", "--vae", str(tmp_path / "flux2"), "--data_dir", workspace["images"], "--analyses", "statistics",
+
+def test_another_vae_class_and_the_renamed_subfolder_flag(workspace, tmp_path):
+    cosmos = save_unsupported_vae_config(tmp_path / "cosmos")
+    with pytest.raises(ValueError, match="--vae '.*cosmos' holds a model of class AutoencoderKLCosmos; supported VAE "
+                                         "classes: AutoencoderKL, AutoencoderKLFlux2"):  # fmt: skip
+        run(["latent", "--vae", cosmos, "--data_dir", workspace["images"], "--analyses", "statistics",
              "--output_dir", str(tmp_path / "out"), "--no_progress"])
     with pytest.warns(FutureWarning, match="--subfolder is now called --vae_subfolder"):
         args = parse_args(["latent", "--vae", "a", "--vae", "b", "--subfolder", "vae", "--subfolder", "", "--data_dir", "d",

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import finetune_vae  # noqa: E402
-from conftest import accelerate_launch  # noqa: E402
+from conftest import accelerate_launch, save_unsupported_vae_config  # noqa: E402
 
 
 TINY_VAE = dict(
@@ -391,15 +391,11 @@ def test_checks_before_any_work(workspace, tmp_path, monkeypatch):
 
 
 def test_another_vae_class_is_refused_by_name(workspace, tmp_path):
-    from diffusers import AutoencoderKLFlux2
-
-    AutoencoderKLFlux2(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=4, layers_per_block=1, patch_size=(1, 1),
-    ).save_pretrained(tmp_path / "flux2")  # fmt: skip
+    cosmos = save_unsupported_vae_config(tmp_path / "cosmos")
     for flag in ("--pretrained_model_name_or_path", "--model_config_name_or_path"):
-        args = base_args(workspace, tmp_path / "o", 2)[2:] + [flag, str(tmp_path / "flux2")]
-        with pytest.raises(ValueError, match=rf"{flag} '.*flux2' holds a model of class AutoencoderKLFlux2; supported VAE classes: AutoencoderKL"):
+        args = base_args(workspace, tmp_path / "o", 2)[2:] + [flag, cosmos]
+        supported = "supported VAE classes: AutoencoderKL, AutoencoderKLFlux2"
+        with pytest.raises(ValueError, match=rf"{flag} '.*cosmos' holds a model of class AutoencoderKLCosmos; {supported}"):
             finetune_vae.main(finetune_vae.parse_args(args))
 
 

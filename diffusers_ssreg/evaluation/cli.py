@@ -58,7 +58,7 @@ def _add_feature_args(parser: argparse.ArgumentParser, default: str) -> None:
 
 def _add_vae_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", action="append", required=True,
-                        help="AutoencoderKL: a Hub id or a local folder; repeat to compare several VAEs.")
+                        help="AutoencoderKL or AutoencoderKLFlux2: a Hub id or a local folder; repeat to compare several VAEs.")
     parser.add_argument("--vae_name", action="append", default=None,
                         help="Display name of each --vae (same count; default: the folder or repo name).")
     parser.add_argument("--vae_subfolder", action="append", default=None,

@@ -1,8 +1,8 @@
 """The protocol every latent regularizer follows, and what they all share.
 
-A regularizer attaches to a diffusers `AutoencoderKL` (it holds a reference; the VAE's parameters
-stay the VAE's own), runs the VAE in `forward(pixel_values)` and returns an output with `.loss`
-and every logged term. Written once here: the plain reconstruction loss λ_MAE·L1 + λ_LPIPS·LPIPS +
+A regularizer attaches to a diffusers `AutoencoderKL` or `AutoencoderKLFlux2` (`vae.SUPPORTED_VAE_CLASSES`;
+it holds a reference; the VAE's parameters stay the VAE's own), runs the VAE in `forward(pixel_values)`
+and returns an output with `.loss` and every logged term. Written once here: the plain reconstruction loss λ_MAE·L1 + λ_LPIPS·LPIPS +
 w_KL·KL, the frozen blocks, the optimizer parameter groups, the per-sample branch draw on the host,
 `save_pretrained` / `from_pretrained` of the regularizer's own state (apart from the VAE, from a
 folder or a Hub repository) and `unload()`, which hands back the very same VAE untouched.
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import RegularizerConfig, resolve_file
 from ..losses import LPIPS_MIN_SIZE, build_lpips, per_sample_l1, per_sample_lpips
+from ..vae import check_vae_instance
 
 
 @dataclass
@@ -118,7 +119,12 @@ class TargetEncoder(nn.Module):
 
 class LatentRegularizer(nn.Module):
     r"""
-    Base class of every regularizer attached to a diffusers `AutoencoderKL`.
+    Base class of every regularizer attached to a diffusers `AutoencoderKL` or `AutoencoderKLFlux2`.
+
+    Every method works on the posterior latents of `vae.encode` and decodes with `vae.decode`: for
+    `AutoencoderKLFlux2` those are the 32-channel latents before its pipeline's patchify-and-BatchNorm
+    normalization, which neither call applies, so the BatchNorm's running statistics are never updated by
+    training (docs/method.md).
 
     A subclass sets `name`, `config_class`, `subfolder` (the folder its state is saved to beside an
     exported VAE) and, when it has learnable or running state, `weights_name`; builds its own parts
@@ -126,7 +132,7 @@ class LatentRegularizer(nn.Module):
     `requires_grad` flags of frozen blocks, which `unload()` restores.
 
     Args:
-        vae (`AutoencoderKL`): the autoencoder to regularize.
+        vae (`AutoencoderKL` or `AutoencoderKLFlux2`): the autoencoder to regularize.
         config (`RegularizerConfig`, *optional*): an instance of the subclass' `config_class`; defaults to its paper's setting.
     """
 
@@ -137,10 +143,7 @@ class LatentRegularizer(nn.Module):
 
     def __init__(self, vae: AutoencoderKL, config: Optional[RegularizerConfig] = None):
         super().__init__()
-        if not isinstance(vae, AutoencoderKL):
-            raise TypeError(
-                f"`vae` must be a diffusers AutoencoderKL, got {type(vae).__module__}.{type(vae).__name__}."
-            )
+        check_vae_instance(vae, "vae")
         config = self.config_class() if config is None else config
         if not isinstance(config, self.config_class):
             raise TypeError(f"`config` must be an {self.config_class.__name__}, got {type(config).__name__}.")
@@ -379,7 +382,7 @@ class LatentRegularizer(nn.Module):
 
         Args:
             pretrained_model_name_or_path (`str`): a folder, or a Hub repository id such as `"org/flux-vae-ssreg"`.
-            vae (`AutoencoderKL`): the VAE to attach to.
+            vae (`AutoencoderKL` or `AutoencoderKLFlux2`): the VAE to attach to.
             subfolder (`str`, *optional*): the folder inside it, e.g. `"ssreg"` beside an exported VAE.
             revision (`str`, *optional*): a branch, tag or commit of the Hub repository.
             cache_dir, token, local_files_only: passed to `huggingface_hub.hf_hub_download`.

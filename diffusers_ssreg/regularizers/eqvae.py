@@ -175,7 +175,7 @@ class EQVAERegularizer(LatentRegularizer):
     Stateless: it holds a reference to the VAE and LPIPS only.
 
     Args:
-        vae (`AutoencoderKL`): the autoencoder to regularize.
+        vae (`AutoencoderKL` or `AutoencoderKLFlux2`): the autoencoder to regularize.
         config (`EQVAEConfig`, *optional*): hyperparameters; defaults to the authors' setting.
     """
 

@@ -40,7 +40,7 @@ class PlainFinetune(LatentRegularizer):
     Plain reconstruction fine-tuning of a diffusers `AutoencoderKL` through the same protocol as the regularizers.
 
     Args:
-        vae (`AutoencoderKL`): the autoencoder to fine-tune.
+        vae (`AutoencoderKL` or `AutoencoderKLFlux2`): the autoencoder to fine-tune.
         config (`PlainFinetuneConfig`, *optional*): loss weights and frozen blocks; defaults to the paper's Flux setting.
     """
 

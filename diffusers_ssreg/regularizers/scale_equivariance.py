@@ -114,7 +114,7 @@ class ScaleEquivarianceRegularizer(LatentRegularizer):
     Stateless: it holds a reference to the VAE and LPIPS only.
 
     Args:
-        vae (`AutoencoderKL`): the autoencoder to regularize.
+        vae (`AutoencoderKL` or `AutoencoderKLFlux2`): the autoencoder to regularize.
         config (`ScaleEquivarianceConfig`, *optional*): hyperparameters; defaults to the paper's factors.
     """
 

@@ -259,7 +259,7 @@ class SpectrumMatchingRegularizer(LatentRegularizer):
     Stateless: it holds a reference to the VAE and LPIPS only.
 
     Args:
-        vae (`AutoencoderKL`): the autoencoder to regularize.
+        vae (`AutoencoderKL` or `AutoencoderKLFlux2`): the autoencoder to regularize.
         config (`SpectrumMatchingConfig`, *optional*): hyperparameters; defaults to ESM-AE.
     """
 

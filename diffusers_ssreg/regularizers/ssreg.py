@@ -106,7 +106,8 @@ class StateSpaceRegularizer(LatentRegularizer):
     never modified beyond `requires_grad` flags of frozen blocks, which `unload()` restores.
 
     Args:
-        vae (`AutoencoderKL`): the autoencoder to regularize (any latent channel count, with or without quant convs).
+        vae (`AutoencoderKL` or `AutoencoderKLFlux2`): the autoencoder to regularize (any latent channel count, with or
+            without quant convs).
         config (`SSRegConfig`, *optional*): hyperparameters; defaults to the paper's Flux setting.
     """
 
