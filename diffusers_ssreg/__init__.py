@@ -37,6 +37,7 @@ from .regularizers import (
     regularizer_from_args,
 )
 
+
 __all__ = [
     "BASES",
     "BranchPlan",

@@ -43,7 +43,12 @@ def resolve_file(
     Raises a `FileNotFoundError` naming the file and where it was looked for.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     from huggingface_hub.utils import validate_repo_id
 
     source = os.fspath(pretrained_model_name_or_path)

@@ -25,9 +25,6 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from diffusers_ssreg import data as ssreg_data
-from diffusers_ssreg.images import extensions_text
-from diffusers_ssreg.training import HelpFormatter, add_deprecated_alias
-from diffusers_ssreg.vae import SUPPORTED_VAE_CLASSES, load_vae, load_vae_config
 from diffusers_ssreg.dit import (
     CACHE_CONFIG_NAME,
     CACHE_STATS_NAME,
@@ -39,6 +36,9 @@ from diffusers_ssreg.dit import (
     vae_downsampling_factor,
     write_latent_shard,
 )
+from diffusers_ssreg.images import extensions_text
+from diffusers_ssreg.training import HelpFormatter, add_deprecated_alias
+from diffusers_ssreg.vae import SUPPORTED_VAE_CLASSES, load_vae, load_vae_config
 
 
 logger = get_logger(__name__, log_level="INFO")

@@ -6,6 +6,7 @@ and the photos are scikit-image's bundled sample images (part of the installed p
 
 import os
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers / huggingface_hub are imported anywhere
 
 from typing import Sequence

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from diffusers_ssreg.evaluation import (
     CallableFeatureExtractor,
-    adm_reference_statistics,
     GaussianStatistics,
+    adm_reference_statistics,
     evaluate_generation,
     evaluate_reconstruction,
     frechet_distance,

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import finetune_vae  # noqa: E402
+
 from conftest import accelerate_launch, save_unsupported_vae_config  # noqa: E402
 
 

@@ -26,6 +26,7 @@ from diffusers_ssreg import (
     transition_matrix,
 )
 
+
 # lpips builds its AlexNet through torchvision's deprecated `pretrained=` argument
 pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
 

@@ -351,7 +351,9 @@ def _loop_run(tmp_path, max_steps, resume=None):
         with accelerator.accumulate(model):
             loss = (model(batch[0] / 10) - 1).pow(2).mean()
             accelerator.backward(loss)
-            grad_norm = optimizer_step(accelerator, prepared, scheduler, list(model.parameters()), None, loop.guard) if accelerator.sync_gradients else None
+            grad_norm = None
+            if accelerator.sync_gradients:
+                grad_norm = optimizer_step(accelerator, prepared, scheduler, list(model.parameters()), None, loop.guard)
         return {"loss": loss.detach()}, grad_norm
 
     loop = TrainingLoop(accelerator, args, loader, scheduler, step, logging_dir)

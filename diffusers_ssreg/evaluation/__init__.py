@@ -73,7 +73,6 @@ from .plots import (
 from .report import markdown_table, write_report
 
 
-
 __all__ = [
     "FEATURE_EXTRACTORS",
     "INCEPTION_WEIGHTS_ENV",
