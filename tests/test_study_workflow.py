@@ -245,6 +245,10 @@ def test_any_flags_make_an_arm_and_the_dit_preset_is_config(photos, tmp_path):
                      "--seed 3", "--pretrained_model_name_or_path"):  # fmt: skip
         assert expected in finetune, (expected, finetune)
     assert "--left_out" not in finetune
+    # the fields every regularizer shares, written once as ssreg_* in the shared sections, follow the arm's method
+    for flag in ("--eqvae_lambda_lpips", "--eqvae_freeze_encoder_blocks", "--eqvae_freeze_decoder_blocks"):
+        assert flag in finetune, (flag, finetune)
+    assert "--ssreg_lambda_lpips" not in finetune and "--ssreg_freeze_encoder_blocks" not in finetune
     dit = next(line for line in output.splitlines() if "train_dit.py" in line)
     assert "--preset LightningDiT-B/2" in dit and "--latents_dir study/arms/eqvae/seed3/cache" in dit
 
