@@ -68,15 +68,9 @@ class DiTFlowPipeline(DiTPipeline):
         config = self.transformer.config
         channels, size, null_class = config.in_channels, config.sample_size, config.num_embeds_ada_norm
         device = self._execution_device
-        labels = torch.as_tensor(class_labels, device=device, dtype=torch.long).reshape(-1)
-        if len(labels) and (labels.min() < 0 or labels.max() >= null_class):
-            raise ValueError(f"`class_labels` must lie in [0, {null_class}), got {labels.tolist()}.")
+        labels = class_label_tensor(class_labels, null_class, device)
         batch_size = len(labels)
-        if latents is None:
-            latents = randn_tensor((batch_size, channels, size, size), generator=generator, device=device, dtype=torch.float32)
-        elif latents.shape != (batch_size, channels, size, size):
-            raise ValueError(f"`latents` must have shape {(batch_size, channels, size, size)}, got {tuple(latents.shape)}.")
-        latents = latents.to(device=device, dtype=torch.float32)
+        latents = initial_latents(latents, (batch_size, channels, size, size), generator, device)
 
         do_guidance = guidance_scale > 1.0
         if do_guidance:
@@ -93,17 +87,42 @@ class DiTFlowPipeline(DiTPipeline):
                 velocity = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(velocity, t, latents).prev_sample
 
-        if output_type == "latent":
-            images = latents
-        else:
-            mean, std = vae_latent_statistics(self.vae.config)
-            images = self.vae.decode(denormalize_latents(latents, mean, std).to(self.vae.dtype)).sample
-            images = (images.float() / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return decode_latents(self, latents, output_type, return_dict)
+
+
+# The steps both flow pipelines (this one and LightningDiTPipeline) share around their sampling loop.
+
+
+def class_label_tensor(class_labels, num_classes: int, device) -> torch.Tensor:
+    """The class labels as a long tensor, each checked to lie in `[0, num_classes)` (`num_classes` is the null class)."""
+    labels = torch.as_tensor(class_labels, device=device, dtype=torch.long).reshape(-1)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"`class_labels` must lie in [0, {num_classes}), got {labels.tolist()}.")
+    return labels
+
+
+def initial_latents(latents: Optional[torch.Tensor], shape, generator, device) -> torch.Tensor:
+    """Float32 starting noise of `shape`: drawn with `generator`, or the given `latents` checked against `shape`."""
+    if latents is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    if latents.shape != shape:
+        raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+    return latents.to(device=device, dtype=torch.float32)
+
+
+def decode_latents(pipeline, latents: torch.Tensor, output_type: str, return_dict: bool):
+    """De-normalizes with the VAE's latent statistics, decodes and converts to `output_type` (`"latent"`: as is)."""
+    if output_type == "latent":
+        images = latents
+    else:
+        mean, std = vae_latent_statistics(pipeline.vae.config)
+        images = pipeline.vae.decode(denormalize_latents(latents, mean, std).to(pipeline.vae.dtype)).sample
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = pipeline.numpy_to_pil(images)
+    pipeline.maybe_free_model_hooks()
+    if not return_dict:
+        return (images,)
+    return ImagePipelineOutput(images=images)

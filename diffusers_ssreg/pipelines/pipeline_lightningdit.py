@@ -7,9 +7,8 @@ import numpy as np
 import torch
 from diffusers import DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 
-from ..dit import denormalize_latents, vae_latent_statistics
+from .pipeline_dit_flow import class_label_tensor, decode_latents, initial_latents
 
 
 # LightningDiT's sampler settings (configs/config_details.yaml, `sample:`), in this pipeline's terms
@@ -112,9 +111,7 @@ class LightningDiTPipeline(DiTPipeline):
         config = self.transformer.config
         channels, size, null_class = config.in_channels, config.sample_size, config.num_classes
         device = self._execution_device
-        labels = torch.as_tensor(class_labels, device=device, dtype=torch.long).reshape(-1)
-        if len(labels) and (labels.min() < 0 or labels.max() >= null_class):
-            raise ValueError(f"`class_labels` must lie in [0, {null_class}), got {labels.tolist()}.")
+        labels = class_label_tensor(class_labels, null_class, device)
         low, high = guidance_interval
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"`guidance_interval` must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}.")
@@ -122,11 +119,7 @@ class LightningDiTPipeline(DiTPipeline):
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
         channel_mask = self._guidance_channel_mask(guidance_channels, channels, device)
         batch_size = len(labels)
-        if latents is None:
-            latents = randn_tensor((batch_size, channels, size, size), generator=generator, device=device, dtype=torch.float32)
-        elif latents.shape != (batch_size, channels, size, size):
-            raise ValueError(f"`latents` must have shape {(batch_size, channels, size, size)}, got {tuple(latents.shape)}.")
-        latents = latents.to(device=device, dtype=torch.float32)
+        latents = initial_latents(latents, (batch_size, channels, size, size), generator, device)
         null_labels = torch.full_like(labels, null_class)
 
         self._set_timesteps(num_inference_steps, device)
@@ -149,20 +142,7 @@ class LightningDiTPipeline(DiTPipeline):
             # the scheduler integrates d x / d sigma = noise - data = -velocity
             latents = self.scheduler.step(-velocity, timestep, latents).prev_sample
 
-        if output_type == "latent":
-            images = latents
-        else:
-            mean, std = vae_latent_statistics(self.vae.config)
-            images = self.vae.decode(denormalize_latents(latents, mean, std).to(self.vae.dtype)).sample
-            images = (images.float() / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                images = images.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return decode_latents(self, latents, output_type, return_dict)
 
     @staticmethod
     def _guidance_channel_mask(guidance_channels, channels: int, device) -> Optional[torch.Tensor]:
