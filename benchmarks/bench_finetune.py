@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from diffusers_ssreg import REGULARIZERS, build_regularizer  # noqa: E402
 from diffusers_ssreg.finetune import compile_modules  # noqa: E402
+from diffusers_ssreg.speedups import SPEEDUPS, parse_speedups  # noqa: E402
 from diffusers_ssreg.training import NonFiniteGuard, optimizer_step  # noqa: E402
 
 
@@ -88,6 +89,11 @@ def parse_args(input_args=None):
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--activation_memory_budget", type=float, default=None,
                         help="Compiled runs: torch._functorch activation memory budget in (0, 1] (see compile_modules).")
+    parser.add_argument(
+        "--compile_speedups", type=parse_speedups, default=",".join(SPEEDUPS),
+        help="Compiled regularizer variants: the blocks swapped for faster equivalents, as finetune_vae.py's flag "
+        f"(of {', '.join(SPEEDUPS)}, or 'none'). The stock variants never use them. (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--lpips_pretrained_backbone", action="store_true")
     parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top kernels of one ssreg step.")
     parser.add_argument("--output_json", default=None)
@@ -148,6 +154,11 @@ def autocast(args):
 def make_stock_step(args, compile_):
     """Plain diffusers fine-tuning as users write it today: the reference every other number is divided by."""
     vae = build_vae(args)
+    # As a user runs plain diffusers: torch's defaults, whatever an earlier variant of this process set.
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_layout_optimization = False
+    torch.backends.cudnn.benchmark = False
     if compile_:
         vae.encoder.compile()
         vae.decoder.compile()
@@ -184,7 +195,7 @@ def make_regularizer_step(args, compile_, name):
     if args.channels_last:
         regularizer = regularizer.to(memory_format=torch.channels_last)
     if compile_:
-        compile_modules(regularizer, args.activation_memory_budget)
+        compile_modules(regularizer, args.activation_memory_budget, args.compile_speedups)
     optimizer = torch.optim.AdamW(regularizer.parameter_groups(1e-5), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -222,14 +233,23 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def count_flops(step, pixel_values) -> float:
-    """FLOPs of one training step (forward + backward + optimizer), counted by torch's FlopCounterMode."""
+# Seed of the first step of every variant: an eager and a compiled copy of one variant draw the same branches and
+# noise on the same batch from the same weights, so their first losses differ by kernel rounding only.
+FIRST_STEP_SEED = 1234
+
+
+def count_flops(step, pixel_values):
+    """
+    FLOPs of one training step (forward + backward + optimizer), counted by torch's FlopCounterMode, and the
+    step's loss (the first step of a fresh model, drawn with `FIRST_STEP_SEED`).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
+    torch.manual_seed(FIRST_STEP_SEED)
     with counter:
-        step(pixel_values)
-    return float(counter.get_total_flops())
+        loss = step(pixel_values)
+    return float(counter.get_total_flops()), float(loss.detach())
 
 
 def peak_tflops(device) -> float:
@@ -251,7 +271,7 @@ def run_variant(args, name, compile_, pixel_batches, flops_cache):
 
     if name not in flops_cache:  # FLOPs don't depend on compilation: count once, on an eager copy
         counting_step, counting_model = make(False)
-        flops_cache[name] = count_flops(counting_step, pixel_batches[0])
+        flops_cache[name], flops_cache[("first_loss", name)] = count_flops(counting_step, pixel_batches[0])
         del counting_step, counting_model
         gc.collect()
         if torch.device(args.device).type == "cuda":
@@ -259,8 +279,12 @@ def run_variant(args, name, compile_, pixel_batches, flops_cache):
             torch.cuda.reset_peak_memory_stats()
     step, model = make(compile_)
     start = time.perf_counter()
+    torch.manual_seed(FIRST_STEP_SEED)
+    first_loss = float("nan")
     for i in range(args.warmup):
-        step(pixel_batches[i % len(pixel_batches)])
+        loss = step(pixel_batches[i % len(pixel_batches)])
+        if i == 0:
+            first_loss = float(loss.detach())
     synchronize(args.device)
     warmup_s = time.perf_counter() - start
 
@@ -282,11 +306,14 @@ def run_variant(args, name, compile_, pixel_batches, flops_cache):
         "variant": name, "compiled": compile_, "label": label, "timed_steps": len(times),
         "images_per_s": images_per_s, "median_step_s": median, "peak_memory_gib": peak_memory,
         "flops_per_step": flops, "tflops_per_image": flops / args.batch_size / 1e12, "mfu": mfu,
-        "warmup_s": warmup_s, "final_loss": float(loss.detach()),
+        "warmup_s": warmup_s, "final_loss": float(loss.detach()), "first_loss": first_loss,
+        "eager_first_loss": flops_cache.get(("first_loss", name), float("nan")),
     }  # fmt: skip
+    # The compiled step's first loss against the eager step's, same weights, batch and draws
+    result["first_loss_rel_diff"] = abs(first_loss - result["eager_first_loss"]) / abs(result["eager_first_loss"])
     print(
         f"{label:20s} {images_per_s:8.2f} img/s  median {median * 1e3:8.1f} ms  peak {peak_memory:6.1f} GiB  "
-        f"MFU {mfu:6.1%}  warm-up {warmup_s:6.1f} s",
+        f"MFU {mfu:6.1%}  warm-up {warmup_s:6.1f} s  first loss {first_loss:.5f} (eager {result['eager_first_loss']:.5f})",
         flush=True,
     )
     if args.profile and name == "ssreg" and compile_ == bool(args.compile):

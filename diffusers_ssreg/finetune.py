@@ -5,10 +5,12 @@ for whichever regularizer `--regularizer` chose (`diffusers_ssreg.regularizers`)
 import json
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKL
+
+from .speedups import SPEEDUPS, apply_training_speedups
 
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,9 @@ def check_checkpoint_regularizer(checkpoint: str, regularizer_name: str) -> None
         )
 
 
-def compile_modules(regularizer, activation_memory_budget: Optional[float] = None) -> None:
+def compile_modules(
+    regularizer, activation_memory_budget: Optional[float] = None, speedups: Sequence[str] = SPEEDUPS
+) -> None:
     """
     `torch.compile` the modules that carry the step's FLOPs, in place: those `regularizer.modules_to_compile()`
     names (`LatentRegularizer`: encoder, decoder, the EMA target of a method that has one, LPIPS when on).
@@ -90,6 +94,11 @@ def compile_modules(regularizer, activation_memory_budget: Optional[float] = Non
     `activation_memory_budget` in (0, 1] lets the compiler recompute cheap activations in the backward
     instead of saving them (torch._functorch's min-cut partitioner): 1 saves everything, lower values
     trade a little compute for memory.
+
+    `speedups` (any of `diffusers_ssreg.speedups.SPEEDUPS`, all by default) swaps the named diffusers blocks for
+    equivalents that compile to faster kernels (`apply_training_speedups`; `regularizer.unload()` puts the stock
+    blocks back). With any of them on, the compiler is also told to run every convolution channels-last and cuDNN
+    to pick its fastest algorithm per shape (docs/benchmarks.md measures each step).
     """
     if activation_memory_budget is not None:
         if not 0 < activation_memory_budget <= 1:
@@ -97,6 +106,16 @@ def compile_modules(regularizer, activation_memory_budget: Optional[float] = Non
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = activation_memory_budget
+    speedups = tuple(speedups)
+    if speedups:
+        import torch._inductor.config as inductor_config
+
+        apply_training_speedups(regularizer, speedups)
+        # The compiler keeps an NCHW graph NCHW when one of its convolutions has twice as many input as output
+        # channels (the VAE's last convolutions and its channel-halving blocks do); cuDNN then transposes around
+        # every bf16 convolution. Channels-last inside the graph leaves the model's own layout as it is.
+        inductor_config.force_layout_optimization = True
+        torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotuning pays once
     for module in regularizer.modules_to_compile():
         module.compile()
 

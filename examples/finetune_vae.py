@@ -54,6 +54,7 @@ from diffusers_ssreg.regularizers import (
     get_regularizer_spec,
     regularizer_config_from_args,
 )
+from diffusers_ssreg.speedups import SPEEDUPS, parse_speedups
 from diffusers_ssreg.training import (
     HelpFormatter,
     TrainingLoop,
@@ -117,6 +118,10 @@ def parse_args(input_args=None):
     parser.add_argument("--activation_memory_budget", type=float, default=None,
                         help="With --compile: fraction of activations kept for the backward (0, 1]; "
                         "lower recomputes more and saves memory.")
+    parser.add_argument("--compile_speedups", type=parse_speedups, default=",".join(SPEEDUPS),
+                        help="With --compile: the diffusers blocks swapped for faster equivalents while training "
+                        f"(comma-separated, of {', '.join(SPEEDUPS)}; 'none' for the stock blocks; the saved model is "
+                        "stock either way; docs/benchmarks.md). (default: %(default)s)")
     parser.add_argument("--recompute_latent_statistics", action="store_true", default=True,
                         help="At the end, estimate the latent normalization (scaling_factor/shift_factor, latents_mean/"
                         "latents_std, or the FLUX.2 VAE's BatchNorm statistics) over the training data with the final "
@@ -254,7 +259,7 @@ def main(args):
     if args.channels_last:
         regularizer.to(memory_format=torch.channels_last)
     if args.compile:
-        compile_modules(regularizer, args.activation_memory_budget)
+        compile_modules(regularizer, args.activation_memory_budget, args.compile_speedups)
     train_dataset, validation_batch, data_description = build_datasets(args, accelerator.is_main_process)
 
     # --- checkpoints hold save_pretrained folders, not raw state dicts (diffusers' convention) ---

@@ -400,7 +400,13 @@ class LatentRegularizer(nn.Module):
         return regularizer
 
     def unload(self) -> AutoencoderKL:
-        """Detaches the regularizer: restores the VAE's `requires_grad` flags and returns the very same VAE object."""
+        """
+        Detaches the regularizer: restores the VAE's `requires_grad` flags and its stock diffusers blocks (after
+        `diffusers_ssreg.speedups.apply_training_speedups`), and returns the very same VAE object.
+        """
+        from ..speedups import remove_training_speedups
+
+        remove_training_speedups(self)
         if self._requires_grad_before_freeze is not None:
             for name, param in self.vae.named_parameters():
                 param.requires_grad_(self._requires_grad_before_freeze.get(name, param.requires_grad))
