@@ -97,8 +97,8 @@ def compile_modules(
 
     `speedups` (any of `diffusers_ssreg.speedups.SPEEDUPS`, all by default) swaps the named diffusers blocks for
     equivalents that compile to faster kernels (`apply_training_speedups`; `regularizer.unload()` puts the stock
-    blocks back). With any of them on, the compiler is also told to run every convolution channels-last and cuDNN
-    to pick its fastest algorithm per shape (docs/benchmarks.md measures each step).
+    blocks back). With any of them on, the compiler is also told to run every convolution channels-last, and cuDNN
+    to pick its fastest algorithm per shape unless the regularizer's sizes vary per step (docs/benchmarks.md).
     """
     if activation_memory_budget is not None:
         if not 0 < activation_memory_budget <= 1:
@@ -115,7 +115,8 @@ def compile_modules(
         # channels (the VAE's last convolutions and its channel-halving blocks do); cuDNN then transposes around
         # every bf16 convolution. Channels-last inside the graph leaves the model's own layout as it is.
         inductor_config.force_layout_optimization = True
-        torch.backends.cudnn.benchmark = True  # training shapes are fixed: autotuning pays once
+        # cuDNN's autotuning runs once per new shape: it pays when the step's shapes repeat
+        torch.backends.cudnn.benchmark = not getattr(regularizer, "sizes_vary_per_step", False)
     for module in regularizer.modules_to_compile():
         module.compile()
 

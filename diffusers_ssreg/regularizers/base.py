@@ -141,6 +141,10 @@ class LatentRegularizer(nn.Module):
     subfolder: ClassVar[str] = ""
     weights_name: ClassVar[Optional[str]] = None
 
+    # Whether the spatial sizes of the step's passes change from step to step (EQ-VAE's random scales): cuDNN's
+    # per-shape autotuning then costs more than it saves (`diffusers_ssreg.finetune.compile_modules`).
+    sizes_vary_per_step = False
+
     def __init__(self, vae: AutoencoderKL, config: Optional[RegularizerConfig] = None):
         super().__init__()
         check_vae_instance(vae, "vae")

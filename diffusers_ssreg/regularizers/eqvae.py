@@ -183,6 +183,8 @@ class EQVAERegularizer(LatentRegularizer):
     config_class = EQVAEConfig
     subfolder = "eqvae"
 
+    sizes_vary_per_step = True  # one of 24 latent sizes per step
+
     def smallest_target_size(self, height: int, width: int) -> Tuple[int, int]:
         """The images of the branches at the smallest of `scales`."""
         ratio = downsampling_factor(self.vae)
