@@ -209,7 +209,7 @@ def launch_command(script: str, script_args, num_processes: int, args):
     return command + [os.path.join(ROOT, script), *script_args], env
 
 
-def run_logged(command, env, log_path: str, timeout_s: float):
+def run_logged(command, env, log_path: str, limit_seconds: float):
     """Runs `command` with its output in `log_path`; returns `(status, seconds, error)`: status ok, error or timeout."""
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -217,10 +217,10 @@ def run_logged(command, env, log_path: str, timeout_s: float):
         log.flush()
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = process.wait(timeout=max(1.0, timeout_s))
+            code = process.wait(timeout=max(1.0, limit_seconds))
         except subprocess.TimeoutExpired:
             stop_group(process)
-            return "timeout", time.perf_counter() - started, f"stopped after the time limit of {timeout_s:.0f} s"
+            return "timeout", time.perf_counter() - started, f"stopped after the time limit of {limit_seconds:.0f} s"
     seconds = time.perf_counter() - started
     if code != 0:
         return "error", seconds, f"exit status {code}: {error_summary(log_path)}"

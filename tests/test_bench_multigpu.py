@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from diffusers import AutoencoderKL
@@ -133,3 +134,31 @@ def test_bad_arguments_fail_before_any_run(tmp_path):
     with pytest.raises(SystemExit):
         bench_multigpu.parse_args(base + ["--num_processes", "0,2"])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_run_past_its_time_limit_is_stopped_with_its_children(tmp_path):
+    """The launcher and the ranks it started (here: a process and its child) are stopped together at the limit."""
+    pid_file = tmp_path / "child.pid"
+    program = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    started = time.perf_counter()
+    status, seconds, error = bench_multigpu.run_logged([sys.executable, "-c", program], dict(os.environ), str(tmp_path / "run.log"), 3)
+    assert status == "timeout" and "time limit of 3 s" in error and 3 <= seconds < 30 and time.perf_counter() - started < 30
+    child = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline and process_alive(child):
+        time.sleep(0.1)
+    assert not process_alive(child)
+    assert bench_multigpu.Clock(600, budget_s=5).limit() <= 5  # the whole command's budget caps every run
+
+
+def process_alive(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
