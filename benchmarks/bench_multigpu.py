@@ -162,6 +162,8 @@ def check_args(args) -> None:
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
     if not os.path.isdir(args.model_config_name_or_path):
         raise ValueError(f"--model_config_name_or_path {args.model_config_name_or_path!r} is not a folder holding a VAE config.json.")
+    args.model_config_name_or_path = os.path.abspath(args.model_config_name_or_path)
+    args.work_dir = os.path.abspath(args.work_dir) if args.work_dir else None
     for name in ("finetune_extra_args", "dit_extra_args"):
         shlex.split(getattr(args, name))  # unbalanced quotes fail here
     args.output_md = args.output_md or os.path.splitext(args.output_json)[0] + ".md"
