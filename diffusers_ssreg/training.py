@@ -298,6 +298,19 @@ def log_metrics(accelerator, logging_dir: str, step: int, metrics: dict) -> None
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def peak_memory_logs(accelerator) -> Dict[str, float]:
+    """
+    `peak_memory_gib`: this process's peak allocated CUDA memory (`torch.cuda.max_memory_allocated`), in GiB; with
+    several processes also every rank's, `peak_memory_gib_rank<i>` (gathered: call it on every process).
+    """
+    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    logs = {"peak_memory_gib": peak}
+    if accelerator.num_processes > 1:
+        peaks = accelerator.gather(torch.tensor([peak], dtype=torch.float64, device=accelerator.device)).tolist()
+        logs.update({f"peak_memory_gib_rank{rank}": value for rank, value in enumerate(peaks)})
+    return logs
+
+
 def truncate_metrics_log(logging_dir: str, step: int) -> None:
     """Drops the `train_metrics.jsonl` entries after `step` (a resumed run logs those steps again): each step once."""
     path = os.path.join(logging_dir, METRICS_LOG_NAME)
@@ -646,8 +659,8 @@ class TrainingLoop:
                         if grad_norm is not None:
                             logs["grad_norm"] = float(grad_norm)
                         logs["img_per_s"] = count * self.samples_per_batch / (time.perf_counter() - last_log_time)
-                        if torch.cuda.is_available():
-                            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                        if accelerator.device.type == "cuda":
+                            logs.update(peak_memory_logs(accelerator))
                         log_metrics(accelerator, self.logging_dir, step, logs)
                         progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
                         sums, count, last_log_time = None, 0, time.perf_counter()

@@ -16,12 +16,14 @@ hold Accelerate state with `transformer/` and `transformer_ema/` subfolders.
 """
 
 import argparse
+import json
 import math
 import os
 
 import numpy as np
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -39,6 +41,7 @@ from diffusers_ssreg.dit import (
     vae_latent_statistics,
     write_normalization_file,
 )
+from diffusers_ssreg.finetune import weights_checksum
 from diffusers_ssreg.hub import render_model_card
 from diffusers_ssreg.training import (
     HelpFormatter,
@@ -358,6 +361,13 @@ def main(args):
                 f"{loop.total_batch_size}; optimization steps = {args.max_train_steps}")
     model.train()
     global_step = loop.run()
+
+    checksums = gather_object([weights_checksum(transformer)])  # every rank must hold the same weights
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "rank_checksums.json"), "w") as f:
+            json.dump(checksums, f)
+        if len(set(checksums)) > 1:
+            raise RuntimeError(f"ranks ended with different weights: {checksums}")
 
     # --- the result: a pipeline folder with the EMA weights, a model card, optionally on the Hub ---
     grid_path = None

@@ -170,6 +170,8 @@ def test_train_flow_resume_on_another_process_count_and_sample(workspace, cache,
     one = train_args(cache, tmp_path / "one", "flow", 6, *schedule, "--validation_steps", "100")
     result = launch("examples/train_dit.py", two, num_processes=2)
     assert "DistributedType.MULTI_CPU" in result.stderr + result.stdout  # DDP over gloo
+    checksums = json.loads((tmp_path / "flow" / "rank_checksums.json").read_text())
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # both ranks ended on the same weights
     launch("examples/train_dit.py", one)
     lr = [m["lr"] for m in read_metrics(tmp_path / "flow")]
     assert lr == [m["lr"] for m in read_metrics(tmp_path / "one")] == pytest.approx([5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])

@@ -402,3 +402,17 @@ def test_every_process_shards_one_data_order(fresh_accelerate_state):
         loader.set_epoch(1)
         orders.append([int(i) for i in itertools.chain(*loader)])
     assert orders[0] == orders[1] and sorted(orders[0]) == list(range(20))
+
+
+def test_peak_memory_logs_give_every_rank(monkeypatch):
+    """On CUDA the loop logs this process's peak memory and, with several processes, every rank's (gathered)."""
+    from types import SimpleNamespace
+
+    from diffusers_ssreg.training import peak_memory_logs
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    one = SimpleNamespace(device=torch.device("cpu"), num_processes=1, gather=None)
+    assert peak_memory_logs(one) == {"peak_memory_gib": 3.0}
+    # two ranks: the gather concatenates each rank's value (rank 1 peaked 1.5 GiB higher)
+    two = SimpleNamespace(device=torch.device("cpu"), num_processes=2, gather=lambda t: torch.cat([t, t + 1.5]))
+    assert peak_memory_logs(two) == {"peak_memory_gib": 3.0, "peak_memory_gib_rank0": 3.0, "peak_memory_gib_rank1": 4.5}
