@@ -56,7 +56,8 @@ TABLES = (
 )
 SUMMARY_COLUMNS = ("rec/PSNR", "rec/rFID-{x}", "latent/channel_std_cv", "latent/psd_slope", "train/kl", "dit/loss",
                    "gen_heldout/FID-{x}")  # fmt: skip
-TRAINING_KEYS = ("loss", "rec_mae", "kl", "latent_mse", "reg_mae", "delta", "grad_norm", "img_per_s", "peak_memory_gib")
+TRAINING_KEYS = ("loss", "rec_mae", "kl", "latent_mse", "reg_mae", "delta", "grad_norm", "img_per_s", "peak_memory_gib",
+                 "eq_mae", "low_res_mae", "se_mae", "esm", "dsm_mae")  # the last: the other regularizers' own terms
 DIVERGED = "non-finite steps in a row"  # what finetune_vae.py and train_dit.py say when --max_nonfinite_steps stops them
 
 
