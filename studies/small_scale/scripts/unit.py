@@ -106,7 +106,8 @@ def wall_seconds(study, arm, seed):
 
 
 def gpu_name(device):
-    """The GPU's name from nvidia-smi on a CUDA study (the machine the jobs ran on), else the device."""
+    """The GPU's name from nvidia-smi on a CUDA study, else the device. The workflow writes unit files where it runs
+    (a local rule): on one machine that is the GPU the jobs ran on; on a cluster, the submitting node's."""
     if device != "cuda":
         return device
     try:
