@@ -103,8 +103,8 @@ def study(photos, tmp_path_factory):
 def test_every_job_ran_and_wrote_its_outputs(study):
     counts = job_counts(study["output"])
     assert counts == {"data": 1, "study_config": 1, "vae_config": 1, "base": 1, "eval_base": 1, "finetune": 2,
-                      "eval": 2, "cache": 2, "dit": 2, "sample": 2, "score": 4, "report": 1, "figures": 1,
-                      "all": 1}, counts  # fmt: skip
+                      "eval": 2, "cache": 2, "dit": 2, "sample": 2, "score": 4, "unit": 2, "report": 1, "figures": 1,
+                      "table1": 1, "all": 1}, counts  # fmt: skip
     out = study["dir"]
     split = read_json(os.path.join(out, "data", "split.json"))
     assert len(split["train"]["photos"]) == 4 and len(split["heldout"]["photos"]) == 2
@@ -120,6 +120,8 @@ def test_every_job_ran_and_wrote_its_outputs(study):
         assert len(samples) == 16
     for name in FIGURES:
         assert os.path.getsize(os.path.join(out, "figures", name)) > 1000, name
+    for name in ("units/baseline_seed0.json", "units/ssreg_seed0.png", "table1/table1.md", "table1/dit_loss.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
 
 
 def test_the_arms_differ_only_in_their_flags(study):
@@ -177,6 +179,26 @@ def test_report_holds_the_measured_numbers(study):
     assert f"| ssreg | 1 | {value:.4f} | 0: {value:.4f} |" in markdown
 
 
+def test_unit_files_hold_the_tools_numbers(study):
+    """Each chain's unit file (scripts/unit.py): the same numbers as the tools' files, the arm's flags and method."""
+    out = study["dir"]
+    for arm, method in (("baseline", "none"), ("ssreg", "ssreg")):  # an SSReg arm with alpha 0 is a plain fine-tune
+        unit = read_json(os.path.join(out, "units", f"{arm}_seed0.json"))
+        assert (unit["arm"], unit["seed"], unit["method"], unit["pilot"]) == (arm, 0, method, False)
+        chain = os.path.join(out, "arms", arm, "seed0")
+        model = next(iter(read_json(os.path.join(chain, "eval", "results.json"))["models"].values()))
+        assert unit["measures"]["rec/PSNR"] == model["reconstruction"]["metrics"]["PSNR"]
+        generation = read_json(os.path.join(chain, "score", "train", "generation.json"))
+        assert unit["measures"]["gen_train/recall-EffNetLite0"] == generation["metrics"]["recall-EffNetLite0"]
+        assert unit["finetune_flags"]["ssreg_freeze_encoder_blocks"] == 2 and unit["flags"]["ssreg_alpha"] in (0, 0.25)
+        assert unit["wall_seconds"]["finetune"] > 0 and unit["wall_seconds"]["eval"] > 0
+        assert unit["vae_sha256"] != unit["base_vae_sha256"]
+        assert Image.open(os.path.join(out, "units", f"{arm}_seed0.png")).size == (128, 128)  # 4 x 4 samples of 32 px
+    markdown = open(os.path.join(out, "table1", "table1.md")).read()
+    assert "| plain fine-tune (`baseline`) | 1 |" in markdown and "| SSReg (`ssreg`) | 1 |" in markdown
+    assert "**too few seeds**" in markdown  # one seed each: no spread to judge an ordering by
+
+
 def test_report_of_a_study_cut_short_lists_what_is_missing(study, tmp_path):
     """A chain without results (failed, or not run yet) is listed as missing; nothing is made up for it."""
     copy = tmp_path / "study"
@@ -202,7 +224,7 @@ def test_a_changed_setting_reruns_what_depends_on_it(study, photos, tmp_path):
     arm = write_config(tmp_path / "arm.yaml", lambda c: c["arms"]["ssreg"]["flags"].update(ssreg_alpha=0.5))
     _, output = snakemake(study["workdir"], "--cores", "2", "-n", config=arm, photos=photos)
     assert job_counts(output) == {"study_config": 1, "finetune": 1, "eval": 1, "cache": 1, "dit": 1, "sample": 1,
-                                  "score": 2, "report": 1, "figures": 1, "all": 1}, output[-3000:]  # fmt: skip
+                                  "score": 2, "unit": 1, "report": 1, "figures": 1, "table1": 1, "all": 1}, output[-3000:]  # fmt: skip
     assert "output: study/arms/ssreg/seed0/finetune/README.md" in output
     assert re.search(r"params have changed since last execution:\s+finetune", output)
 

@@ -22,6 +22,13 @@ and write, under --output_dir:
 
 Where an arm has several seeds, a line is their mean and the shaded band their min-max range. A study
 cut short is fine: missing pieces are skipped, and each skip is said on stdout.
+
+    python studies/small_scale/scripts/figures.py --units FOLDER [FOLDER ...] --output_dir OUT
+
+draws from unit files instead (`units/<arm>_seed<k>.json` and `.png`, scripts/unit.py), from any number of runs:
+
+    samples_<arm>.png      the arm's sample grids, one per seed
+    dit_loss.png           the DiT's training loss vs step, per arm (mean over seeds, band = min-max)
 """
 
 import argparse
@@ -146,6 +153,7 @@ def load_study(root: str) -> Dict[str, List[Run]]:
         runs[BASE] = [Run(BASE, None, latent=base_latent)]
     arms_dir = os.path.join(root, "arms")
     found = sorted(d for d in os.listdir(arms_dir) if os.path.isdir(os.path.join(arms_dir, d))) if os.path.isdir(arms_dir) else []
+    found = [d for d in found if d != BASE]  # arms/base/: the base VAE's own chain (the workflow's `pilot`), no arm
     config_arms = read_config_arms(root)
     for arm in arm_order(list(config_arms), found):
         seeds = []
@@ -573,6 +581,102 @@ def make_figures(root: str, output_dir: str) -> List[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Figures from unit files (scripts/unit.py): runs made apart, merged
+# --------------------------------------------------------------------------------------------
+
+
+def load_unit_runs(paths: List[str]) -> Dict[str, List[dict]]:
+    """{arm: [unit, by seed]} of the unit files under `paths` (report.py's reader: duplicates and mixed settings
+    handled there), each unit with `grid_path`, the PNG beside its JSON (None when it is missing)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import report
+
+    units = report.load_units(paths)
+    report.check_comparable(units)
+    arms: Dict[str, List[dict]] = {}
+    for arm in report.arm_table(units):
+        for unit in sorted((u for u in units if u["arm"] == arm), key=lambda u: u["seed"]):
+            grid = os.path.join(os.path.dirname(unit["path"]), (unit.get("grid") or {}).get("file", ""))
+            unit["grid_path"] = grid if os.path.isfile(grid) else None
+            arms.setdefault(arm, []).append(unit)
+    return arms
+
+
+def unit_title(arm: str, units: List[dict]) -> str:
+    return "base VAE (no fine-tune)" if units[0].get("pilot") else f"{arm} ({units[0].get('method', '?')})"
+
+
+def figure_unit_samples(arm: str, units: List[dict], path: str) -> Optional[str]:
+    """One arm's sample grids side by side, one per seed."""
+    from PIL import Image
+
+    with_grid = [u for u in units if u["grid_path"]]
+    for unit in units:
+        if not unit["grid_path"]:
+            say(f"  skip {arm}/seed{unit['seed']}: no sample grid beside {unit['path']}")
+    if not with_grid:
+        return None
+    figure = new_figure(max(4.5, 3.2 * len(with_grid) + 0.2), 3.9)
+    axes = figure.subplots(1, len(with_grid), squeeze=False)[0]
+    for ax, unit in zip(axes, with_grid):
+        ax.imshow(np.asarray(Image.open(unit["grid_path"]).convert("RGB")), interpolation="lanczos")
+        gen = unit["measures"]
+        fid = next((v for k, v in gen.items() if k.startswith("gen_train/FID-")), None)
+        ax.set_title(f"seed {unit['seed']}" + (f"  (gFID {fid:.1f})" if isinstance(fid, (int, float)) else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.suptitle(f"DiT samples: {unit_title(arm, units)}\nthe first scored samples of each seed", fontsize=9)
+    return save(figure, path)
+
+
+def figure_dit_loss(arms: Dict[str, List[dict]], path: str) -> Optional[str]:
+    """The DiT's training loss vs step per arm: mean over seeds, band = min-max (steps every seed logged)."""
+    curves = {}
+    for arm, units in arms.items():
+        logged = [u["curves"]["dit"] for u in units if (u.get("curves") or {}).get("dit", {}).get("loss")]
+        if not logged:
+            say(f"  dit_loss: {arm} has no DiT loss curve")
+            continue
+        steps = sorted(set.intersection(*(set(c["step"]) for c in logged)))
+        if not steps:
+            say(f"  dit_loss: {arm}'s seeds logged no step in common")
+            continue
+        stack = [as_floats([dict(zip(c["step"], c["loss"]))[s] for s in steps]) for c in logged]
+        curves[arm] = (np.array(steps), stack, len(logged))
+    if not curves:
+        return None
+    colors = colors_for([a for a in curves if not arms[a][0].get("pilot")] + [BASE])
+    figure = new_figure(7.5, 4.6)
+    ax = figure.subplots()
+    for arm, (steps, stack, n) in curves.items():
+        label = BASE if arms[arm][0].get("pilot") else arm
+        legend = "base VAE (no fine-tune)" if label == BASE else f"{arm} ({n} seed{'s' if n != 1 else ''})"
+        plot_mean_band(ax, steps, stack, label, colors[label], legend)
+    ax.set_yscale("log")
+    ax.set_xlabel("DiT training step")
+    ax.set_ylabel("training loss (logged window)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    figure.suptitle("DiT training loss on each arm's latents (mean over seeds, band = min-max)", fontsize=10)
+    return save(figure, path)
+
+
+def make_unit_figures(paths: List[str], output_dir: str) -> List[str]:
+    """Draws the unit-file figures into `output_dir`: one sample figure per arm and the DiT loss curves."""
+    arms = load_unit_runs(paths)
+    say("found: " + ", ".join(f"{arm} ({len(units)})" for arm, units in arms.items()))
+    written = []
+    for arm, units in arms.items():
+        drawn = figure_unit_samples(arm, units, os.path.join(output_dir, f"samples_{arm}.png"))
+        if drawn:
+            written.append(drawn)
+    drawn = figure_dit_loss(arms, os.path.join(output_dir, "dit_loss.png"))
+    if drawn:
+        written.append(drawn)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -580,9 +684,17 @@ def make_figures(root: str, output_dir: str) -> List[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("study", metavar="STUDY", help="a study folder (the config's study_dir)")
+    parser.add_argument("study", metavar="STUDY", nargs="?", help="a study folder (the config's study_dir)")
+    parser.add_argument("--units", nargs="+", metavar="PATH", default=None,
+                        help="instead of STUDY: unit files or folders holding them (see above)")
     parser.add_argument("--output_dir", required=True, help="where the PNG figures go (created)")
     args = parser.parse_args(argv)
+    if args.units is not None:
+        if args.study is not None:
+            parser.error("give either STUDY or --units, not both")
+        return args
+    if args.study is None:
+        parser.error("give STUDY (a study folder) or --units PATH ...")
     if not os.path.isdir(args.study) or not any(os.path.exists(os.path.join(args.study, n)) for n in ("arms", "base")):
         parser.error(f"argument STUDY: {args.study!r} is not a study folder (no arms/ or base/ in it)")
     return args
@@ -593,6 +705,17 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")
     args = parse_args(argv)
+    if args.units is not None:
+        try:
+            written = make_unit_figures(args.units, args.output_dir)
+        except ValueError as error:
+            print(f"figures.py: error: {error}", file=sys.stderr)
+            return 1
+        if not written:
+            print("figures.py: error: no figure could be drawn from the unit files", file=sys.stderr)
+            return 1
+        say(f"{len(written)} figure(s) in {args.output_dir}")
+        return 0
     written = make_figures(args.study, args.output_dir)
     if not written:
         print(f"figures.py: error: no figure could be drawn from STUDY {args.study!r} (no results found)", file=sys.stderr)

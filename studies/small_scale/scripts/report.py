@@ -18,6 +18,15 @@ tools wrote, in each chain `STUDY/arms/<arm>/seed<k>/`:
 and the same for the base VAE (`STUDY/base/vae/`, `STUDY/base/eval/`). Each measure is a flat key
 (`rec/PSNR`, `latent/psd_slope`, `train/kl`, `dit/loss`, `gen_heldout/FID-EffNetLite0`, ...); the report gives
 per arm the value of every seed, and their mean and standard deviation (n - 1) over seeds.
+
+    python studies/small_scale/scripts/report.py --units FOLDER [FOLDER ...] --output_dir OUT
+
+merges unit files instead (`units/<arm>_seed<k>.json`, written by scripts/unit.py for every scored chain), from
+any number of runs on any machines: `table1.md` and `table1.json` in OUT, laid out like the paper's Table 1
+(reconstruction | generation, one row per arm, mean ± std over seeds and n), with the generation scores against
+the held-out crops, the latent measures, each job's wall time, and the paper's orderings claim by claim (SSReg
+against each other method on PSNR, rFID and gFID: Welch's t-test over the seeds, see `verdict`). Units made under
+different settings or from other crops are refused; the same unit twice is kept once.
 """
 
 import argparse
@@ -56,8 +65,10 @@ TABLES = (
 )
 SUMMARY_COLUMNS = ("rec/PSNR", "rec/rFID-{x}", "latent/channel_std_cv", "latent/psd_slope", "train/kl", "dit/loss",
                    "gen_heldout/FID-{x}")  # fmt: skip
-TRAINING_KEYS = ("loss", "rec_mae", "kl", "latent_mse", "reg_mae", "delta", "grad_norm", "img_per_s", "peak_memory_gib")
+TRAINING_KEYS = ("loss", "rec_mae", "kl", "latent_mse", "reg_mae", "delta", "grad_norm", "img_per_s", "peak_memory_gib",
+                 "eq_mae", "low_res_mae", "se_mae", "esm", "dsm_mae")  # the last: the other regularizers' own terms
 DIVERGED = "non-finite steps in a row"  # what finetune_vae.py and train_dit.py say when --max_nonfinite_steps stops them
+PILOT = "base"  # arms/base/: the base VAE's own chain (the workflow's `pilot`), reported in the base VAE's row
 
 
 def read_json(path):
@@ -218,7 +229,7 @@ def write_report(study):
     arms = dict(config.get("arms") or {})
     arms_dir = os.path.join(study, "arms")
     for arm in sorted(os.listdir(arms_dir)) if os.path.isdir(arms_dir) else []:  # folders of arms no longer configured
-        if arm not in arms:
+        if arm not in arms and arm != PILOT:
             seeds = sorted(int(m.group(1)) for n in os.listdir(os.path.join(arms_dir, arm)) if (m := re.fullmatch(r"seed(\d+)", n)))
             arms[arm] = {"seeds": seeds}
 
@@ -228,6 +239,9 @@ def write_report(study):
         base.update(training_results(os.path.join(study, "base", "vae")))
     if os.path.isfile(os.path.join(study, "base", "eval", "results.json")):
         base.update(eval_results(os.path.join(study, "base", "eval", "results.json")))
+    for name in sorted(os.listdir(os.path.join(arms_dir, PILOT))) if os.path.isdir(os.path.join(arms_dir, PILOT)) else []:
+        found = chain_results(os.path.join(arms_dir, PILOT, name))  # the pilot: the base VAE's own DiT and scores
+        base.update({k: v for stage in found.values() for k, v in stage.items()})
     if base:
         units["base"] = base
     for arm, spec in arms.items():
@@ -305,10 +319,336 @@ def write_report(study):
     return report
 
 
+# --------------------------------------------------------------------------------------------
+# The Table-1 report over unit files (scripts/unit.py): runs made apart, merged
+# --------------------------------------------------------------------------------------------
+
+UNIT_FORMAT = "ssreg-small-scale-unit"
+# The paper's Table 1, Flux rows (arXiv 2604.11089; "Flux" is the plain fine-tune of the Flux VAE, Sec. 5.3), keyed
+# by the method of an arm (`--regularizer`). Spectrum matching is not in the paper's table.
+PAPER_TABLE1 = {
+    "none": {"PSNR": 31.70, "LPIPS": 0.0354, "SSIM": 0.9105, "rFID": 0.87, "gFID": 16.08, "sFID": 7.33, "IS": 89.32,
+             "precision": 0.68, "recall": 0.49},
+    "eqvae": {"PSNR": 31.53, "LPIPS": 0.0373, "SSIM": 0.9082, "rFID": 0.94, "gFID": 13.95, "sFID": 7.09, "IS": 97.81,
+              "precision": 0.69, "recall": 0.49},
+    "scale_equivariance": {"PSNR": 31.62, "LPIPS": 0.0363, "SSIM": 0.9096, "rFID": 0.90, "gFID": 13.87, "sFID": 7.86,
+                           "IS": 99.79, "precision": 0.70, "recall": 0.49},
+    "ssreg": {"PSNR": 31.55, "LPIPS": 0.0374, "SSIM": 0.9085, "rFID": 0.91, "gFID": 13.33, "sFID": 7.29, "IS": 106.61,
+              "precision": 0.71, "recall": 0.47},
+}  # fmt: skip
+PAPER_ROWS = {"none": "Flux", "eqvae": "Flux + EQVAE", "scale_equivariance": "Flux + FT-SE", "ssreg": "Flux + Ours"}
+METHOD_TITLES = {"none": "plain fine-tune", "ssreg": "SSReg", "eqvae": "EQ-VAE", "scale_equivariance": "FT-SE (scale equivariance)",
+                 "spectrum_matching": "spectrum matching (ESM)"}  # fmt: skip
+METHOD_ORDER = ("none", "eqvae", "scale_equivariance", "spectrum_matching", "ssreg")  # the paper's row order, then ESM
+# (paper column, measure, better): the orderings the verdict tests; gFID against the training crops is the paper's
+# gFID (training statistics as the reference), the held-out reference is tested beside it.
+CLAIMS = (("PSNR", "rec/PSNR", "↑"), ("rFID", "rec/rFID-{x}", "↓"), ("gFID", "gen_train/FID-{x}", "↓"),
+          ("gFID", "gen_heldout/FID-{x}", "↓"))  # fmt: skip
+TABLE1_COLUMNS = (  # (header, measure, better): reconstruction | generation against the training crops
+    ("PSNR", "rec/PSNR", "↑"), ("SSIM", "rec/SSIM", "↑"), ("rFID", "rec/rFID-{x}", "↓"),
+    ("gFID", "gen_train/FID-{x}", "↓"), ("sFID", "gen_train/sFID-{x}", "↓"), ("precision", "gen_train/precision-{x}", "↑"),
+    ("recall", "gen_train/recall-{x}", "↑"),
+)  # fmt: skip
+HELDOUT_COLUMNS = (("FID", "gen_heldout/FID-{x}", "↓"), ("sFID", "gen_heldout/sFID-{x}", "↓"),
+                   ("precision", "gen_heldout/precision-{x}", "↑"), ("recall", "gen_heldout/recall-{x}", "↑"))  # fmt: skip
+LATENT_COLUMNS = (
+    ("channel evenness (CV of channel stds)", "latent/channel_std_cv", ""), ("spectrum slope", "latent/psd_slope", ""),
+    ("unmask PSNR @3", "latent/unmask_psnr@3", "↑"), ("largest unmask step", "latent/unmask_max_step", ""),
+    ("blur coherence", "latent/coherence", "↑"), ("KL (end of training)", "train/kl", ""),
+    ("DiT loss (last window)", "dit/loss", "↓"),
+)  # fmt: skip
+
+
+def find_unit_files(paths):
+    """The unit JSON files among `paths` (files, or folders searched recursively)."""
+    files = []
+    for path in paths:
+        if os.path.isfile(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            for folder, _, names in sorted(os.walk(path)):
+                files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".json")]
+        else:
+            raise ValueError(f"--units: {path!r} is neither a file nor a folder")
+    return files
+
+
+def load_units(paths):
+    """
+    The units of the unit files under `paths`, one per (arm, seed), each with its `path`. The same unit found twice
+    with the same measures is kept once (a file copied into two folders); with different measures it is an error.
+    """
+    units, seen = [], {}
+    for path in find_unit_files(paths):
+        try:
+            unit = read_json(path)
+        except ValueError:
+            continue
+        if not isinstance(unit, dict) or unit.get("format") != UNIT_FORMAT:
+            continue  # another JSON file (a study_results.json, a config): not a unit
+        unit["path"] = path
+        key = (unit["arm"], unit["seed"])
+        if key in seen:
+            if seen[key]["measures"] != unit["measures"]:
+                raise ValueError(f"unit {key[0]}/{key[1]} twice with different results: {seen[key]['path']!r} and "
+                                 f"{path!r}; keep one of them")  # fmt: skip
+            continue
+        seen[key] = unit
+        units.append(unit)
+    if not units:
+        raise ValueError(f"--units: no unit file ({UNIT_FORMAT}) in {', '.join(map(repr, paths))}")
+    return units
+
+
+def check_comparable(units):
+    """Units made under different settings or from other crops cannot share a table: ValueError naming them.
+    Returns notes (the base VAE's weights differing between runs is said, not refused)."""
+    groups = {}
+    for unit in units:
+        fingerprint = json.dumps({"settings": unit["settings_sha256"],
+                                  "data": {p: unit["data"][p]["fingerprint"] for p in ("train", "heldout")}})  # fmt: skip
+        groups.setdefault(fingerprint, []).append(f"{unit['arm']}/{unit['seed']}")
+    if len(groups) > 1:
+        listed = "; ".join(f"[{', '.join(names)}]" for names in groups.values())
+        raise ValueError(f"the units were made under {len(groups)} different settings or crops (settings_sha256, crop "
+                         f"fingerprints): {listed}. Report each group on its own (pass only its files to --units).")  # fmt: skip
+    notes = []
+    bases = {}
+    for unit in units:
+        bases.setdefault(unit["base_vae_sha256"], []).append(f"{unit['arm']}/{unit['seed']}")
+    if len(bases) > 1:
+        notes.append(f"The base VAE's weights differ between runs ({len(bases)} versions: "
+                     + "; ".join(f"`{sha[:12]}`: {', '.join(names)}" for sha, names in bases.items())
+                     + "): the base was not reproduced bit for bit.")  # fmt: skip
+    return notes
+
+
+def arm_table(units):
+    """{arm: {"method", "seeds", "measures": {measure: [values by seed]}}} in the paper's row order."""
+    arms = {}
+    for unit in sorted(units, key=lambda u: (u["arm"], u["seed"])):
+        entry = arms.setdefault(unit["arm"], {"method": unit["method"], "pilot": unit.get("pilot", False), "seeds": [],
+                                              "measures": {}})  # fmt: skip
+        entry["seeds"].append(unit["seed"])
+        for key, value in unit["measures"].items():
+            entry["measures"].setdefault(key, []).append(value)
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    order = sorted(arms, key=lambda a: (not arms[a]["pilot"], rank.get(arms[a]["method"], len(rank)), a))
+    return {arm: arms[arm] for arm in order}
+
+
+def welch(ours, other):
+    """Welch's t-test of mean(ours) - mean(other): (difference, its 95 % confidence interval, two-sided p, Cohen's d
+    with the pooled std). scipy.stats gives the test; the interval and d are written out (scipy has no Welch CI)."""
+    from scipy import stats
+
+    a, b = [v for v in ours if finite(v)], [v for v in other if finite(v)]
+    difference = sum(a) / len(a) - sum(b) / len(b)
+    var_a = sum((v - sum(a) / len(a)) ** 2 for v in a) / (len(a) - 1)
+    var_b = sum((v - sum(b) / len(b)) ** 2 for v in b) / (len(b) - 1)
+    pooled = math.sqrt(((len(a) - 1) * var_a + (len(b) - 1) * var_b) / (len(a) + len(b) - 2))
+    se2 = var_a / len(a) + var_b / len(b)
+    if se2 == 0:  # no spread at all: the difference is exact
+        return difference, (difference, difference), (0.0 if difference else 1.0), (math.inf if difference else 0.0)
+    dof = se2**2 / ((var_a / len(a)) ** 2 / (len(a) - 1) + (var_b / len(b)) ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, dof) * math.sqrt(se2)
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return difference, (difference - half, difference + half), p, (difference / pooled if pooled else math.inf)
+
+
+def verdict(paper_ours, paper_other, ours, other, better, alpha=0.05):
+    """
+    Whether the paper's ordering of two methods on one measure holds here. `paper_*` are the paper's values (None:
+    no paper row), `ours` and `other` the values over seeds here, `better` "↑" or "↓". Returns a dict with the
+    paper's and the observed direction, the Welch test and the verdict: "holds" / "reversed" (the difference is
+    significant at `alpha`, in the paper's direction or against it), "not resolved" (within the seed spread),
+    "too few seeds" (fewer than 2 on a side: no spread to judge by), "no paper claim" (no paper row).
+    """
+    def direction(ours_value, other_value):
+        if ours_value == other_value:
+            return "tie"
+        return "better" if (ours_value > other_value) == (better == "↑") else "worse"
+
+    a, b = [v for v in ours if finite(v)], [v for v in other if finite(v)]
+    result = {"n": [len(a), len(b)], "paper": None if paper_ours is None or paper_other is None else direction(paper_ours, paper_other)}
+    if not a or not b:
+        return {**result, "verdict": "too few seeds"}
+    result["observed"] = direction(sum(a) / len(a), sum(b) / len(b))
+    if len(a) < 2 or len(b) < 2:
+        return {**result, "verdict": "too few seeds"}
+    difference, interval, p, d = welch(a, b)
+    result.update(difference=difference, ci95=list(interval), p=p, cohen_d=d)
+    if result["paper"] is None:
+        result["verdict"] = "no paper claim"
+    elif result["paper"] == "tie" or p >= alpha:
+        result["verdict"] = "not resolved"
+    else:
+        result["verdict"] = "holds" if result["observed"] == result["paper"] else "reversed"
+    return result
+
+
+def claim_verdicts(arms, ssreg_arm, suffix, alpha=0.05):
+    """Every claim of CLAIMS for SSReg's arm against each other arm (the pilot's base VAE left out)."""
+    verdicts = []
+    ours = arms[ssreg_arm]
+    for arm, other in arms.items():
+        if arm == ssreg_arm or other["pilot"]:
+            continue
+        for column, key, better in CLAIMS:
+            key = key.format(x=suffix)
+            paper_ours = PAPER_TABLE1["ssreg"].get(column)
+            paper_other = PAPER_TABLE1.get(other["method"], {}).get(column)
+            result = verdict(paper_ours, paper_other, ours["measures"].get(key, []), other["measures"].get(key, []),
+                             better, alpha)  # fmt: skip
+            verdicts.append({"arm": arm, "method": other["method"], "claim": column, "measure": key, "better": better,
+                             "paper_values": [paper_ours, paper_other], **result})  # fmt: skip
+    return verdicts
+
+
+def mean_cell(values):
+    mean, std = mean_std(values)
+    if mean is None:
+        return "–"
+    return fmt_value(mean) + (f" ± {fmt_value(std)}" if std is not None else "")
+
+
+def write_table1(paths, output_dir, ssreg_arm=None, alpha=0.05):
+    """Writes `table1.md` and `table1.json` into `output_dir` from the unit files under `paths`; returns the JSON."""
+    units = load_units(paths)
+    notes = check_comparable(units)
+    arms = arm_table(units)
+    suffix = next((u["feature_extractor"] for u in units if u.get("feature_extractor")), "EffNetLite0")
+    candidates = [a for a, e in arms.items() if e["method"] == "ssreg"]
+    if ssreg_arm is None and len(candidates) == 1:
+        ssreg_arm = candidates[0]
+    if ssreg_arm is not None and ssreg_arm not in arms:
+        raise ValueError(f"--ssreg_arm {ssreg_arm!r}: no unit of that arm; the arms are {', '.join(arms)}")
+    if ssreg_arm is None and candidates:
+        notes.append(f"Several SSReg arms ({', '.join(candidates)}): no verdict; choose one with --ssreg_arm.")
+    verdicts = claim_verdicts(arms, ssreg_arm, suffix, alpha) if ssreg_arm else []
+
+    first = units[0]
+    study = first["settings"]["study"]
+    generation = study.get("generation") or {}
+    dit, data = study.get("dit") or {}, study.get("data") or {}
+    devices = sorted({u.get("device") or "?" for u in units})
+    commits = sorted({str((u.get("code") or {}).get("commit"))[:12] for u in units})
+
+    def row_name(arm, entry):
+        if entry["pilot"]:
+            return "base VAE (no fine-tune)"
+        return f"{METHOD_TITLES.get(entry['method'], entry['method'])} (`{arm}`)"
+
+    def table(columns, title):
+        header = [f"{name} {better}".rstrip() for name, _, better in columns]
+        lines = [title, "", "| method | n | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(columns)]
+        for arm, entry in arms.items():
+            cells = [mean_cell(entry["measures"].get(key.format(x=suffix), [])) for _, key, _ in columns]
+            lines.append(f"| {row_name(arm, entry)} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+        return lines + [""]
+
+    lines = ["# The paper's Table 1 at small scale", "",
+             f"_Written {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} by "
+             f"`studies/small_scale/scripts/report.py --units` from {len(units)} unit files._", "",
+             f"Setting: {data.get('resolution', generation.get('resolution', '?'))} px crops ("
+             f"{first['data']['train']['crops']} training crops of {first['data']['train']['photos']} photos, "
+             f"{first['data']['heldout']['crops']} held-out crops of {first['data']['heldout']['photos']} photos); "
+             f"{dit.get('preset', '?')} for {dit.get('max_train_steps', '?')} steps at batch "
+             f"{dit.get('train_batch_size', '?')}; {(study.get('sample') or {}).get('num_images_per_class', '?')} samples "
+             f"with {(study.get('sample') or {}).get('num_inference_steps', 'the default')} sampling steps; device "
+             f"{', '.join(devices)}; commit {', '.join(commits)}. Values are mean ± std over seeds (n - 1), n seeds per "
+             f"row. Scores with {suffix} features are project-internal: comparable between the rows of this table "
+             f"only, never with the paper's Inception FID.", ""]  # fmt: skip
+    lines += ["Units: " + "; ".join(f"`{arm}` seeds {', '.join(map(str, e['seeds']))}" for arm, e in arms.items()) + ".", ""]
+    lines += [f"Note: {note}" for note in notes] + ([""] if notes else [])
+    lines += table(TABLE1_COLUMNS, "## Reconstruction (held-out crops) | generation (against the training crops)")
+    lines += table(HELDOUT_COLUMNS, "## Generation against the held-out crops")
+    lines += table(LATENT_COLUMNS, "## Latent structure and training")
+
+    lines += ["## The paper's orderings, claim by claim", ""]
+    if not verdicts:
+        why = "no SSReg arm among the units" if ssreg_arm is None else "no other method among the units"
+        lines += [f"No verdict: {why}.", ""]
+    else:
+        lines += [f"SSReg is `{ssreg_arm}`. For each claim of the paper's Table 1 (Flux rows), the ordering of SSReg and "
+                  f"the other method there, and here: the difference of the means (SSReg − other) with its 95 % "
+                  f"confidence interval and Welch's two-sided p; Cohen's d is the difference over the pooled std. "
+                  f"*holds* / *reversed*: p < {alpha} in the paper's direction / against it; *not resolved*: within the "
+                  f"spread of the seeds.", "",
+                  "| claim | vs | paper (SSReg vs other) | paper: SSReg is | here: SSReg is | SSReg − other [95 % CI] | p | d "
+                  "| n | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for v in verdicts:
+            reference = " (held-out)" if v["measure"].startswith("gen_heldout/") else ""
+            paper = "–" if v["paper"] is None else f"{v['paper_values'][0]} vs {v['paper_values'][1]}"
+            interval = (f"{fmt_value(v['difference'])} [{fmt_value(v['ci95'][0])}, {fmt_value(v['ci95'][1])}]"
+                        if "difference" in v else "–")  # fmt: skip
+            p = fmt_value(v["p"]) if "p" in v else "–"
+            d = fmt_value(v["cohen_d"]) if "cohen_d" in v else "–"
+            lines.append(f"| {v['claim']} {v['better']}{reference} | {METHOD_TITLES.get(v['method'], v['method'])} | "
+                         f"{paper} | {v['paper'] or '–'} | {v.get('observed', '–')} | {interval} | {p} | {d} | "
+                         f"{v['n'][0]}, {v['n'][1]} | **{v['verdict']}** |")  # fmt: skip
+        lines.append("")
+        counts = {}
+        for v in verdicts:
+            counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
+        lines += ["In all: " + ", ".join(f"{k} {n}" for k, n in counts.items()) + ".", ""]
+
+    stages = [s for s in ("data", "base", "eval_base", "finetune", "eval", "cache", "dit", "sample", "score_heldout",
+                          "score_train") if any((u.get("wall_seconds") or {}).get(s) is not None for u in units)]  # fmt: skip
+    if stages:
+        lines += ["## Wall time per job (seconds; mean over the units' runs, jobs sharing a GPU included)", "",
+                  "| method | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]  # fmt: skip
+        for arm, entry in arms.items():
+            of_arm = [u for u in units if u["arm"] == arm]
+            cells = []
+            for stage in stages:
+                mean, std = mean_std([(u.get("wall_seconds") or {}).get(stage) for u in of_arm])
+                cells.append("–" if mean is None else f"{mean:.0f}" + (f" ± {std:.0f}" if std is not None else ""))
+            lines.append(f"| {row_name(arm, entry)} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    statistics = {arm: {"method": e["method"], "pilot": e["pilot"], "seeds": e["seeds"],
+                        "measures": {k: dict(zip(("mean", "std"), mean_std(v)), n=sum(finite(x) for x in v), values=v)
+                                     for k, v in e["measures"].items()}} for arm, e in arms.items()}  # fmt: skip
+    result = {"report": "Table 1 at small scale", "units": [{"arm": u["arm"], "seed": u["seed"], "path": u["path"]} for u in units],
+              "notes": notes, "ssreg_arm": ssreg_arm, "alpha": alpha, "arms": statistics, "verdicts": verdicts,
+              "paper_table1_flux": PAPER_TABLE1}  # fmt: skip
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "table1.json"), "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(output_dir, "table1.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"table1: {len(units)} units of {len(arms)} arms, {len(verdicts)} claims -> {output_dir}/table1.md, table1.json")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("study", metavar="STUDY", help="The study folder (the config's study_dir).")
+    parser.add_argument("study", metavar="STUDY", nargs="?", help="The study folder (the config's study_dir).")
+    parser.add_argument("--units", nargs="+", metavar="PATH", default=None,
+                        help="Instead of STUDY: unit files (scripts/unit.py), or folders holding them, from any number "
+                        "of runs; writes the Table-1 report table1.md and table1.json into --output_dir.")  # fmt: skip
+    parser.add_argument("--output_dir", default=None, help="With --units: where the report goes (created).")
+    parser.add_argument("--ssreg_arm", default=None, help="With --units: the arm the verdict takes as SSReg (default: "
+                        "the one arm trained with SSReg).")  # fmt: skip
+    parser.add_argument("--alpha", type=float, default=0.05, help="With --units: the significance level of the verdict.")
     args = parser.parse_args(argv)
+    if args.units is not None:
+        if args.study is not None:
+            parser.error("give either STUDY or --units, not both")
+        if not args.output_dir:
+            parser.error("--units needs --output_dir")
+        if not 0 < args.alpha < 1:
+            parser.error(f"--alpha must be in (0, 1), got {args.alpha}")
+        try:
+            write_table1(args.units, args.output_dir, args.ssreg_arm, args.alpha)
+        except ValueError as error:
+            parser.error(str(error))
+        return 0
+    if args.study is None:
+        parser.error("give STUDY (a study folder) or --units PATH ...")
     if not os.path.isdir(args.study):
         parser.error(f"argument STUDY: {args.study!r} is not a folder")
     write_report(args.study)
