@@ -95,7 +95,8 @@ def parse_args(input_args=None):
         f"(of {', '.join(SPEEDUPS)}, or 'none'). The stock variants never use them. (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--lpips_pretrained_backbone", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top kernels of one ssreg step.")
+    parser.add_argument("--profile", action="store_true", help="Print torch.profiler's top kernels of two ssreg steps.")
+    parser.add_argument("--profile_json", default=None, help="With --profile: every kernel's time per step, as JSON.")
     parser.add_argument("--output_json", default=None)
     parser.add_argument("--output_md", default=None)
     args = parser.parse_args(input_args)
@@ -324,14 +325,29 @@ def run_variant(args, name, compile_, pixel_batches, flops_cache):
 
 
 def profile_step(args, step, pixel_values):
+    """
+    torch.profiler over two steps: prints the top kernels and, with --profile_json, writes every kernel's time
+    per step (summed by name, in microseconds) and the step's total kernel time.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    cuda = torch.device(args.device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        step(pixel_values)
+        for _ in range(2):
+            step(pixel_values)
         synchronize(args.device)
-    sort = "cuda_time_total" if torch.device(args.device).type == "cuda" else "cpu_time_total"
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+    if args.profile_json:
+        rows = []
+        for event in prof.key_averages():
+            device_us = getattr(event, "self_device_time_total", 0) or 0
+            if device_us > 0 and event.device_type.name in ("CUDA", "PrivateUse1"):
+                rows.append({"kernel": event.key, "us_per_step": device_us / 2, "calls_per_step": event.count / 2})
+        rows.sort(key=lambda r: -r["us_per_step"])
+        with open(args.profile_json, "w") as f:
+            json.dump({"total_us_per_step": sum(r["us_per_step"] for r in rows), "kernels": rows}, f, indent=1)
 
 
 def sweep(args):
@@ -433,6 +449,9 @@ def main(args):
             ratios[f"ssreg_{tag}_over_stock_eager"] = b["images_per_s"] / a["images_per_s"]
         if b and c:
             ratios[f"ssreg_{tag}_over_plain_{tag}"] = b["images_per_s"] / c["images_per_s"]
+        stock_compiled = find("stock", True)
+        if b and compiled and stock_compiled:
+            ratios["ssreg_compiled_over_stock_compiled"] = b["images_per_s"] / stock_compiled["images_per_s"]
         for method in REGULARIZERS:  # each other method's step against SSReg's, in the same mode
             d = find(method, compiled)
             if method != "ssreg" and b and d:

@@ -46,13 +46,14 @@ def group_norm_from_channel_stats(
     `F.group_norm(x, num_groups, weight, bias, eps)`, computed from per-channel statistics.
 
     The group's mean is the mean of its channels' means, and its (biased) variance is the mean of its channels'
-    variances plus the variance of its channels' means. Statistics are taken in float32. The output is float32
-    under autocast (as autocast runs `group_norm`) and `x.dtype` otherwise.
+    variances plus the variance of its channels' means. Statistics are taken in float32 (or `x.dtype` when wider). The output is float32
+    under CUDA autocast (as autocast runs `group_norm` there) and `x.dtype` otherwise.
     """
     n, c = x.shape[:2]
     if x.ndim < 3 or c % num_groups:
         return F.group_norm(x, num_groups, weight, bias, eps)
-    xf = x.float()
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32 statistics for half-precision input
+    xf = x.to(dtype)
     var_c, mean_c = torch.var_mean(xf, dim=tuple(range(2, x.ndim)), correction=0)
     mean_c = mean_c.view(n, num_groups, c // num_groups)
     var_c = var_c.view(n, num_groups, c // num_groups)
@@ -62,15 +63,15 @@ def group_norm_from_channel_stats(
     scale = rstd.expand_as(mean_c)
     shift = -mean * rstd
     if weight is not None:
-        w = weight.float().view(1, num_groups, c // num_groups)
+        w = weight.to(dtype).view(1, num_groups, c // num_groups)
         scale = scale * w
         shift = shift * w
     if bias is not None:
-        shift = shift + bias.float().view(1, num_groups, c // num_groups)
+        shift = shift + bias.to(dtype).view(1, num_groups, c // num_groups)
     shape = (n, c) + (1,) * (x.ndim - 2)
     out = xf * scale.reshape(shape) + shift.expand_as(mean_c).reshape(shape)
-    if torch.is_autocast_enabled(x.device.type):
-        return out
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return out  # CUDA autocast runs group_norm in float32 and returns float32
     return out.to(x.dtype)
 
 

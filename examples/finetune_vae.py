@@ -131,7 +131,8 @@ def parse_args(input_args=None):
     parser.add_argument("--latent_statistics_batches", type=int, default=None,
                         help="Batches of --train_batch_size training images per process for the latent statistics.")
     parser.add_argument("--channels_last", action="store_true",
-                        help="channels_last memory format (measured slower for the Flux VAE: docs/benchmarks.md).")
+                        help="channels_last memory format. Not needed with --compile: the compiled graphs run their "
+                        "convolutions channels-last already (docs/benchmarks.md).")
     # None = the real-run or demo default of DEMO_FLAGS (the help texts state both); the paper's clipping norm
     add_training_arguments(parser, output_dir=None, train_batch_size=None, learning_rate=None, max_grad_norm=50.0)
     for name, (default, demo) in DEMO_FLAGS.items():
