@@ -262,16 +262,9 @@ def error_summary(log_path: str, lines: int = 2) -> str:
 
 def read_metrics(output_dir: str):
     """The entries of `logs/train_metrics.jsonl` (a line cut short by a stopped run is skipped)."""
-    path = os.path.join(output_dir, METRICS_LOG)
-    entries = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    continue
-    return entries
+    from diffusers_ssreg.training import read_metrics_log
+
+    return read_metrics_log(os.path.join(output_dir, METRICS_LOG))
 
 
 def read_json(path: str, default=None):

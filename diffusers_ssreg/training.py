@@ -311,6 +311,24 @@ def peak_memory_logs(accelerator) -> Dict[str, float]:
     return logs
 
 
+def read_metrics_log(path: str) -> List[dict]:
+    """
+    The entries of a `train_metrics.jsonl` (`path`: the file, or the logging folder holding it), in order; a line
+    cut short by a run stopped mid-write is skipped. An absent file has no entries.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_LOG_NAME)
+    entries = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    continue
+    return entries
+
+
 def truncate_metrics_log(logging_dir: str, step: int) -> None:
     """Drops the `train_metrics.jsonl` entries after `step` (a resumed run logs those steps again): each step once."""
     path = os.path.join(logging_dir, METRICS_LOG_NAME)

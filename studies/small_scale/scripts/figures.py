@@ -110,18 +110,9 @@ def read_train_log(path: str, where: str) -> List[dict]:
         # as in the study's tables: only finished runs count (the model card is the last file a run writes)
         say(f"  skip {where}: finetune/README.md is missing (the run did not finish)")
         return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut off by a killed run
-                continue
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
+    from diffusers_ssreg.training import read_metrics_log  # (a line cut off by a killed run is skipped)
+
+    rows = [row for row in read_metrics_log(path) if isinstance(row, dict) and "step" in row]
     if not rows:
         say(f"  skip {where}: finetune/logs/train_metrics.jsonl has no logged step")
     return rows

@@ -82,15 +82,10 @@ def finite(value):
 
 def last_logged(path):
     """The last line of a train_metrics.jsonl (the last logged window), {} when there is none."""
-    last = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    last = json.loads(line)
-                except ValueError:  # a line cut off by a killed run
-                    continue
-    return last
+    from diffusers_ssreg.training import read_metrics_log  # (a line cut off by a killed run is skipped)
+
+    entries = read_metrics_log(path)
+    return entries[-1] if entries else {}
 
 
 def training_results(folder):

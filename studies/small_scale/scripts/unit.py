@@ -67,15 +67,9 @@ def subsample(rows, keys, limit=MAX_CURVE_POINTS):
 
 
 def read_jsonl(path):
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut off by a killed run
-                    continue
-    return rows
+    from diffusers_ssreg.training import read_metrics_log  # (a line cut off by a killed run is skipped)
+
+    return read_metrics_log(path)
 
 
 def wall_seconds(study, arm, seed):
