@@ -7,7 +7,9 @@ eager and compiled: what decides the layout and the normalisation of the compile
     python benchmarks/bench_blocks.py --output_json bench_blocks.json
 
 Blocks: `block` is diffusers' `ResnetBlock2D` (GroupNorm, SiLU, 3x3 convolution, twice, and the residual add),
-`gns` GroupNorm + SiLU alone (torch.nn.GroupNorm), `conv` one 3x3 convolution. Each runs under bf16 autocast on a
+`block_fast` the same block after `apply_training_speedups` (what the compiled fine-tuning step runs), `gns`
+GroupNorm + SiLU alone (torch.nn.GroupNorm), `gns_fused` the same as one Triton kernel
+(`diffusers_ssreg.fused_group_norm`), `conv` one 3x3 convolution. Each runs under bf16 autocast on a
 bf16 input; the time is the mean of 10 calls after 3 warm-up calls (CUDA events).
 """
 
@@ -17,6 +19,9 @@ import time
 
 import torch
 from diffusers.models.resnet import ResnetBlock2D
+
+from diffusers_ssreg.fused_group_norm import group_norm_silu
+from diffusers_ssreg.speedups import apply_training_speedups
 
 
 class GroupNormSiLU(torch.nn.Module):
@@ -37,10 +42,36 @@ class Conv(torch.nn.Module):
         return self.conv(x)
 
 
+class FusedGroupNormSiLU(GroupNormSiLU):
+    def forward(self, x):
+        return group_norm_silu(x, 32, self.norm.weight, self.norm.bias, self.norm.eps, silu=True)
+
+
 def build(kind, channels):
-    if kind == "block":
-        return ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=None, groups=32, eps=1e-6)
-    return GroupNormSiLU(channels) if kind == "gns" else Conv(channels)
+    if kind in ("block", "block_fast"):
+        block = ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=None, groups=32, eps=1e-6)
+        return apply_training_speedups(block) if kind == "block_fast" else block
+    return {"gns": GroupNormSiLU, "gns_fused": FusedGroupNormSiLU, "conv": Conv}[kind](channels)
+
+
+def fused_error(shape):
+    """Largest error of `gns_fused` (bf16 in and out) against torch's GroupNorm + SiLU in float32, per output."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, device="cuda").mul(2).add(1).contiguous(memory_format=torch.channels_last)
+    module = GroupNormSiLU(shape[1]).cuda()
+    torch.nn.init.normal_(module.norm.weight)
+    torch.nn.init.normal_(module.norm.bias)
+    upstream = torch.randn_like(x)
+    outputs = {}
+    for name, fn, dtype in (("reference", module, torch.float32), ("fused", FusedGroupNormSiLU.forward, torch.bfloat16)):
+        xi = x.to(dtype).requires_grad_(True)
+        y = fn(module, xi) if name == "fused" else fn(xi)
+        grads = torch.autograd.grad(y, [xi, module.norm.weight, module.norm.bias], upstream.to(y.dtype))
+        outputs[name] = [y.float(), *(g.float() for g in grads)]
+    return {
+        name: float((a - b).abs().max() / b.abs().max())
+        for name, a, b in zip(("y", "dx", "dweight", "dbias"), outputs["fused"], outputs["reference"])
+    }
 
 
 def mean_ms(fn, x, calls=10):
@@ -59,7 +90,7 @@ def mean_ms(fn, x, calls=10):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="32x128x256x256,32x256x128x128", help="BxCxHxW,...")
-    parser.add_argument("--kinds", default="block,gns,conv")
+    parser.add_argument("--kinds", default="block,block_fast,gns,gns_fused,conv")
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -88,7 +119,7 @@ def main():
 
                         def step(x, fn=fn, kind=kind):
                             with torch.autocast("cuda", dtype=torch.bfloat16):
-                                y = fn(x, None) if kind == "block" else fn(x)
+                                y = fn(x, None) if kind.startswith("block") else fn(x)
                             y.backward(torch.ones_like(y))
 
                         started = time.time()
@@ -102,6 +133,11 @@ def main():
                         rows.append(row)
                         del module, x, fn
                         torch.cuda.empty_cache()
+    if "gns_fused" in kinds:
+        for batch, channels, height, width in shapes:
+            row = dict(kind="gns_fused_error", shape=[batch, channels, height, width], **fused_error((batch, channels, height, width)))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

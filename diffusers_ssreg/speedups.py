@@ -16,16 +16,24 @@ the stock ones back, so the model saved after training is a stock diffusers mode
 - **Attention by two matrix products** (diffusers' own `AttnProcessor`): the VAE's mid-block attention has one
   head of width 512 over 1024 positions at 256 px, which the fused attention kernels of torch do not cover at
   full speed (head widths above 256 fall back to the memory-efficient kernel); the score matrix is small.
+- **GroupNorm and SiLU as one Triton kernel** (`fused_group_norm`, CUDA only; `diffusers_ssreg.fused_group_norm`):
+  every GroupNorm runs as kernels that read the channels-last layout in order, and where a SiLU follows it (the
+  `ResnetBlock2D`s, the encoder's and decoder's output norm) the SiLU is computed in the same pass: the module's
+  `nonlinearity` (or `conv_act`) becomes an `Identity` while the swap is on. Elsewhere `group_norm` applies.
 """
 
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
+
+from .fused_group_norm import group_norm_silu, triton_group_norm_available
 
 
 __all__ = [
+    "FusedGroupNorm",
     "GroupNormFromChannelStats",
     "NearestUpsample2D",
     "apply_training_speedups",
@@ -35,8 +43,9 @@ __all__ = [
     "SPEEDUPS",
 ]
 
-SPEEDUPS = ("group_norm", "upsample", "attention")
+SPEEDUPS = ("fused_group_norm", "group_norm", "upsample", "attention")
 _SAVED_PROCESSOR = "_attention_processor_before_speedups"
+_SAVED_ACTIVATION = "_activation_before_speedups"
 
 
 def group_norm_from_channel_stats(
@@ -87,6 +96,24 @@ class GroupNormFromChannelStats(torch.nn.GroupNorm):
         return group_norm_from_channel_stats(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
+class FusedGroupNorm(GroupNormFromChannelStats):
+    """
+    `torch.nn.GroupNorm` with the same parameters, run by the Triton kernels of `diffusers_ssreg.fused_group_norm`
+    on CUDA tensors, followed by SiLU in the same kernel when `fused_silu` is set (the module that applied the SiLU
+    after it is then an `Identity`). Without Triton or on the CPU it is `GroupNormFromChannelStats`, then SiLU.
+    The output keeps the input's dtype (torch's GroupNorm under CUDA autocast returns float32; every VAE GroupNorm
+    feeds a convolution or a linear layer that casts to the autocast dtype anyway).
+    """
+
+    fused_silu = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_group_norm_available(x):
+            return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.fused_silu)
+        out = super().forward(x)
+        return F.silu(out) if self.fused_silu else out
+
+
 class NearestUpsample2D(Upsample2D):
     """
     diffusers' `Upsample2D` with `interpolate=True` (nearest, factor 2, then its convolution), upsampling by a
@@ -130,10 +157,40 @@ def _plain_nearest_upsample(module: torch.nn.Module) -> bool:
     )
 
 
+def _norm_then_silu_pairs(module: torch.nn.Module):
+    """(norm name, activation name) of `module`'s GroupNorm-then-SiLU pairs that run only in that order."""
+    from diffusers.models.autoencoders.vae import Decoder, Encoder
+
+    if isinstance(module, ResnetBlock2D) and module.time_emb_proj is None:
+        return [("norm1", "nonlinearity"), ("norm2", "nonlinearity")]
+    if isinstance(module, (Encoder, Decoder)):
+        return [("conv_norm_out", "conv_act")]
+    return []
+
+
+def _fuse_silu(module: torch.nn.Module) -> None:
+    pairs = _norm_then_silu_pairs(module)
+    norms = [getattr(module, norm, None) for norm, _ in pairs]
+    activations = {getattr(module, act, None) for _, act in pairs}
+    if not pairs or hasattr(module, _SAVED_ACTIVATION) or len(activations) != 1:
+        return
+    activation = activations.pop()
+    plain = (torch.nn.GroupNorm, GroupNormFromChannelStats)
+    if type(activation) is not torch.nn.SiLU or not all(type(norm) in plain for norm in norms):
+        return
+    for norm in norms:
+        norm.__class__ = FusedGroupNorm
+        norm.fused_silu = True
+    # (a plain attribute, not a submodule: the state dict stays the same; SiLU has no parameters)
+    object.__setattr__(module, _SAVED_ACTIVATION, (pairs[0][1], activation))
+    setattr(module, pairs[0][1], torch.nn.Identity())
+
+
 def apply_training_speedups(model: torch.nn.Module, speedups=SPEEDUPS) -> torch.nn.Module:
     """
     Swaps, in place, the blocks named in `speedups` (any of `SPEEDUPS`) for their faster equivalents, and returns
-    `model`. Parameters, buffers and state-dict keys stay the same (the modules change class only).
+    `model`. Parameters, buffers and state-dict keys stay the same (the modules change class only; a SiLU fused
+    into the GroupNorm before it is replaced by an `Identity`, which has no parameters either).
     """
     speedups = tuple(speedups)
     unknown = [name for name in speedups if name not in SPEEDUPS]
@@ -141,8 +198,13 @@ def apply_training_speedups(model: torch.nn.Module, speedups=SPEEDUPS) -> torch.
         raise ValueError(f"`speedups` has {unknown}; allowed: {', '.join(SPEEDUPS)}.")
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
+    if "fused_group_norm" in speedups:
+        for module in list(model.modules()):
+            _fuse_silu(module)
     for module in model.modules():
-        if "group_norm" in speedups and type(module) is torch.nn.GroupNorm:
+        if "fused_group_norm" in speedups and type(module) in (torch.nn.GroupNorm, GroupNormFromChannelStats):
+            module.__class__ = FusedGroupNorm
+        elif "group_norm" in speedups and type(module) is torch.nn.GroupNorm:
             module.__class__ = GroupNormFromChannelStats
         elif "upsample" in speedups and _plain_nearest_upsample(module):
             module.__class__ = NearestUpsample2D
@@ -156,7 +218,15 @@ def apply_training_speedups(model: torch.nn.Module, speedups=SPEEDUPS) -> torch.
 def remove_training_speedups(model: torch.nn.Module) -> torch.nn.Module:
     """Undoes `apply_training_speedups` (on `model` or any module holding it): the stock blocks and processors."""
     for module in model.modules():
-        if type(module) is GroupNormFromChannelStats:
+        if hasattr(module, _SAVED_ACTIVATION):
+            name, activation = getattr(module, _SAVED_ACTIVATION)
+            setattr(module, name, activation)
+            object.__delattr__(module, _SAVED_ACTIVATION)
+    for module in model.modules():
+        if type(module) is FusedGroupNorm:
+            module.__dict__.pop("fused_silu", None)
+            module.__class__ = torch.nn.GroupNorm
+        elif type(module) is GroupNormFromChannelStats:
             module.__class__ = torch.nn.GroupNorm
         elif type(module) is NearestUpsample2D:
             module.__class__ = Upsample2D

@@ -13,6 +13,7 @@ from conftest import fast_config, make_tiny_vae, photo_crops
 from diffusers_ssreg import StateSpaceRegularizer
 from diffusers_ssreg.speedups import (
     SPEEDUPS,
+    FusedGroupNorm,
     GroupNormFromChannelStats,
     NearestUpsample2D,
     apply_training_speedups,
@@ -77,8 +78,12 @@ def test_apply_and_remove_keep_weights_and_results():
     vae = attention_vae()
     fast = apply_training_speedups(copy.deepcopy(vae))
     classes = {type(m) for m in fast.modules()}
-    assert GroupNormFromChannelStats in classes and NearestUpsample2D in classes
-    assert torch.nn.GroupNorm not in classes and Upsample2D not in classes
+    assert {FusedGroupNorm, NearestUpsample2D} <= classes
+    assert not classes & {torch.nn.GroupNorm, GroupNormFromChannelStats, Upsample2D, torch.nn.SiLU}
+    # the SiLU after each resnet norm and after the encoder's and decoder's output norm runs inside the norm
+    assert fast.decoder.conv_norm_out.fused_silu and type(fast.decoder.conv_act) is torch.nn.Identity
+    assert fast.encoder.down_blocks[0].resnets[0].norm2.fused_silu
+    assert not fast.decoder.mid_block.attentions[0].group_norm.fused_silu
     assert all(type(p) is AttnProcessor for p in fast.attn_processors.values())
     assert fast.state_dict().keys() == vae.state_dict().keys()
 
@@ -97,6 +102,12 @@ def test_apply_and_remove_keep_weights_and_results():
     assert all(type(p) is AttnProcessor2_0 for p in fast.attn_processors.values())
     for key, value in vae.state_dict().items():
         assert torch.equal(fast.state_dict()[key], value), key
+    assert not any("fused_silu" in vars(m) for m in fast.modules())
+
+    # without the fused kernels, the per-channel GroupNorm (and diffusers' SiLU modules) stay
+    plain = apply_training_speedups(copy.deepcopy(vae), ["group_norm"])
+    assert {type(m) for m in plain.modules()} >= {GroupNormFromChannelStats, torch.nn.SiLU}
+    assert FusedGroupNorm not in {type(m) for m in plain.modules()}
 
 
 def test_the_compiled_fast_blocks_match_the_stock_model():
@@ -140,9 +151,11 @@ def test_compile_modules_applies_and_unload_removes_them(monkeypatch):
     compile_modules(regularizer)  # (compilation itself happens at the first call)
     assert inductor_config.force_layout_optimization and torch.backends.cudnn.benchmark
     # the EMA target encoder is a copy of the encoder: it gets the faster blocks too
-    assert any(type(m) is GroupNormFromChannelStats for m in regularizer.target_encoder.modules())
+    assert any(type(m) is FusedGroupNorm for m in regularizer.target_encoder.modules())
     vae = regularizer.unload()
-    assert not any(type(m) in (GroupNormFromChannelStats, NearestUpsample2D) for m in regularizer.modules())
+    fast_classes = (FusedGroupNorm, GroupNormFromChannelStats, NearestUpsample2D)
+    assert not any(type(m) in fast_classes for m in regularizer.modules())
+    assert not any(type(m) is torch.nn.Identity for m in regularizer.modules())
     assert vae is regularizer.vae
 
     # EQ-VAE's sizes change every step: no cuDNN autotuning; no speed-ups asked for: nothing set at all
@@ -155,7 +168,7 @@ def test_compile_modules_applies_and_unload_removes_them(monkeypatch):
     plain = StateSpaceRegularizer(make_tiny_vae(), fast_config(reference_resolution=None))
     compile_modules(plain, speedups=())
     assert not inductor_config.force_layout_optimization
-    assert not any(type(m) is GroupNormFromChannelStats for m in plain.modules())
+    assert not any(type(m) in (GroupNormFromChannelStats, FusedGroupNorm) for m in plain.modules())
 
 
 def test_parse_speedups():
@@ -164,7 +177,7 @@ def test_parse_speedups():
     assert parse_speedups("none") == () and parse_speedups("") == ()
     with pytest.raises(argparse.ArgumentTypeError, match=r"unknown speed-up 'groupnorm' in 'groupnorm'; allowed: .*upsample"):
         parse_speedups("groupnorm")
-    with pytest.raises(ValueError, match=r"`speedups` has \['channels_last'\]; allowed: group_norm"):
+    with pytest.raises(ValueError, match=r"`speedups` has \['channels_last'\]; allowed: fused_group_norm, group_norm"):
         apply_training_speedups(make_tiny_vae(), ["channels_last"])
 
 
@@ -173,7 +186,7 @@ def test_the_flux2_vae_takes_the_same_blocks():
 
     vae = make_tiny_flux2_vae()
     fast = apply_training_speedups(copy.deepcopy(vae))
-    assert any(type(m) is GroupNormFromChannelStats for m in fast.modules())
+    assert any(type(m) is FusedGroupNorm and m.fused_silu for m in fast.modules())
     assert any(type(m) is NearestUpsample2D for m in fast.modules())
     images = photo_crops(2, 32)
     torch.testing.assert_close(fast.decode(fast.encode(images).latent_dist.mode()).sample,
