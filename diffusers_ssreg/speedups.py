@@ -20,6 +20,9 @@ the stock ones back, so the model saved after training is a stock diffusers mode
   every GroupNorm runs as kernels that read the channels-last layout in order, and where a SiLU follows it (the
   `ResnetBlock2D`s, the encoder's and decoder's output norm) the SiLU is computed in the same pass: the module's
   `nonlinearity` (or `conv_act`) becomes an `Identity` while the swap is on. Elsewhere `group_norm` applies.
+- **`ResnetBlock2D` without the layout copy** (`resnet_layout`): in training mode diffusers' block copies its input
+  to the NCHW layout before its 1x1 shortcut convolution (to quiet a DDP warning about gradient strides); in a
+  channels-last step that is a copy of the block's input, and two more in the convolution's backward.
 """
 
 from typing import Optional
@@ -36,6 +39,7 @@ __all__ = [
     "FusedGroupNorm",
     "GroupNormFromChannelStats",
     "NearestUpsample2D",
+    "ResnetBlock2DWithoutCopy",
     "apply_training_speedups",
     "group_norm_from_channel_stats",
     "parse_speedups",
@@ -43,7 +47,7 @@ __all__ = [
     "SPEEDUPS",
 ]
 
-SPEEDUPS = ("fused_group_norm", "group_norm", "upsample", "attention")
+SPEEDUPS = ("fused_group_norm", "group_norm", "upsample", "attention", "resnet_layout")
 _SAVED_PROCESSOR = "_attention_processor_before_speedups"
 _SAVED_ACTIVATION = "_activation_before_speedups"
 
@@ -114,19 +118,44 @@ class FusedGroupNorm(GroupNormFromChannelStats):
         return F.silu(out) if self.fused_silu else out
 
 
+class ResnetBlock2DWithoutCopy(ResnetBlock2D):
+    """
+    diffusers' `ResnetBlock2D` that keeps its input's memory layout for the shortcut convolution (diffusers copies it
+    to NCHW in training mode). The same computation; a block with a time embedding or a resampler runs diffusers'
+    forward.
+    """
+
+    def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor] = None, *args, **kwargs):
+        if (
+            temb is not None or args or kwargs or self.upsample is not None or self.downsample is not None
+            or self.time_embedding_norm != "default"
+        ):  # fmt: skip
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor)))
+        hidden_states = self.nonlinearity(self.norm2(hidden_states))
+        hidden_states = self.conv2(self.dropout(hidden_states))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return (input_tensor + hidden_states) / self.output_scale_factor
+
+
 class NearestUpsample2D(Upsample2D):
     """
     diffusers' `Upsample2D` with `interpolate=True` (nearest, factor 2, then its convolution), upsampling by a
-    broadcast: the same values, and a backward that sums each 2x2 block.
+    broadcast: the same values, and a backward that sums each 2x2 block. A channels-last input is broadcast in its
+    own (N, H, W, C) order, so the output and the gradient of the input stay channels-last (a gradient in the
+    other layout would make every convolution backward of the block before it copy its inputs).
     """
 
     def forward(self, hidden_states: torch.Tensor, output_size: Optional[int] = None, *args, **kwargs):
         if output_size is not None or args or kwargs or hidden_states.ndim != 4:
             return super().forward(hidden_states, output_size, *args, **kwargs)
         n, c, h, w = hidden_states.shape
-        up = hidden_states[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
         if hidden_states.is_contiguous(memory_format=torch.channels_last) and not hidden_states.is_contiguous():
-            up = up.contiguous(memory_format=torch.channels_last)
+            nhwc = hidden_states.permute(0, 2, 3, 1)
+            up = nhwc[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+        else:
+            up = hidden_states[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
         if self.use_conv:
             return self.conv(up) if self.name == "conv" else self.Conv2d_0(up)
         return up
@@ -206,6 +235,8 @@ def apply_training_speedups(model: torch.nn.Module, speedups=SPEEDUPS) -> torch.
             module.__class__ = FusedGroupNorm
         elif "group_norm" in speedups and type(module) is torch.nn.GroupNorm:
             module.__class__ = GroupNormFromChannelStats
+        elif "resnet_layout" in speedups and type(module) is ResnetBlock2D:
+            module.__class__ = ResnetBlock2DWithoutCopy
         elif "upsample" in speedups and _plain_nearest_upsample(module):
             module.__class__ = NearestUpsample2D
         elif "attention" in speedups and isinstance(module, Attention) and not hasattr(module, _SAVED_PROCESSOR):
@@ -228,6 +259,8 @@ def remove_training_speedups(model: torch.nn.Module) -> torch.nn.Module:
             module.__class__ = torch.nn.GroupNorm
         elif type(module) is GroupNormFromChannelStats:
             module.__class__ = torch.nn.GroupNorm
+        elif type(module) is ResnetBlock2DWithoutCopy:
+            module.__class__ = ResnetBlock2D
         elif type(module) is NearestUpsample2D:
             module.__class__ = Upsample2D
         elif hasattr(module, _SAVED_PROCESSOR):

@@ -16,6 +16,7 @@ from diffusers_ssreg.speedups import (
     FusedGroupNorm,
     GroupNormFromChannelStats,
     NearestUpsample2D,
+    ResnetBlock2DWithoutCopy,
     apply_training_speedups,
     group_norm_from_channel_stats,
     parse_speedups,
@@ -78,7 +79,7 @@ def test_apply_and_remove_keep_weights_and_results():
     vae = attention_vae()
     fast = apply_training_speedups(copy.deepcopy(vae))
     classes = {type(m) for m in fast.modules()}
-    assert {FusedGroupNorm, NearestUpsample2D} <= classes
+    assert {FusedGroupNorm, NearestUpsample2D, ResnetBlock2DWithoutCopy} <= classes
     assert not classes & {torch.nn.GroupNorm, GroupNormFromChannelStats, Upsample2D, torch.nn.SiLU}
     # the SiLU after each resnet norm and after the encoder's and decoder's output norm runs inside the norm
     assert fast.decoder.conv_norm_out.fused_silu and type(fast.decoder.conv_act) is torch.nn.Identity
@@ -108,6 +109,46 @@ def test_apply_and_remove_keep_weights_and_results():
     plain = apply_training_speedups(copy.deepcopy(vae), ["group_norm"])
     assert {type(m) for m in plain.modules()} >= {GroupNormFromChannelStats, torch.nn.SiLU}
     assert FusedGroupNorm not in {type(m) for m in plain.modules()}
+
+
+def test_resnet_block_without_copy_keeps_the_layout_and_the_result():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=None, groups=8).train()
+    fast = apply_training_speedups(copy.deepcopy(block), ["resnet_layout"])
+    assert type(fast) is ResnetBlock2DWithoutCopy
+    layouts = []
+    fast.conv_shortcut.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    expected, got = block(x, None), fast(x, None)
+    assert layouts == [True], "the shortcut convolution's input was copied out of the channels-last layout"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(got)
+    a = torch.autograd.grad(got, [x, *fast.parameters()], upstream)
+    b = torch.autograd.grad(expected, [x, *block.parameters()], upstream)
+    for got_grad, expected_grad in zip(a, b):
+        assert relative_error(got_grad, expected_grad) < 1e-5
+    remove_training_speedups(fast)
+    assert type(fast) is ResnetBlock2D
+
+
+def test_upsampling_keeps_channels_last_forward_and_backward():
+    torch.manual_seed(0)
+    stock = Upsample2D(8, use_conv=True, out_channels=8)
+    fast = apply_training_speedups(copy.deepcopy(stock), ["upsample"])
+    assert type(fast) is NearestUpsample2D
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 5, 6).contiguous(memory_format=layout).requires_grad_(True)
+        expected, got = stock(x), fast(x)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        upstream = torch.randn_like(got).contiguous(memory_format=layout)
+        grad = torch.autograd.grad(got, x, upstream)[0]
+        torch.testing.assert_close(grad, torch.autograd.grad(expected, x, upstream)[0], rtol=1e-5, atol=1e-5)
+        # a channels-last input gets a channels-last gradient (an NCHW one makes cuDNN copy in the blocks before)
+        assert grad.is_contiguous(memory_format=layout)
 
 
 def test_the_compiled_fast_blocks_match_the_stock_model():
@@ -150,10 +191,14 @@ def test_compile_modules_applies_and_unload_removes_them(monkeypatch):
     regularizer = StateSpaceRegularizer(make_tiny_vae(), fast_config(alpha=0.25, reference_resolution=None))
     compile_modules(regularizer)  # (compilation itself happens at the first call)
     assert inductor_config.force_layout_optimization and torch.backends.cudnn.benchmark
+    # the weights are channels-last while training, NCHW again in the exported VAE
+    assert regularizer.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not regularizer.vae.decoder.conv_in.weight.is_contiguous()
     # the EMA target encoder is a copy of the encoder: it gets the faster blocks too
     assert any(type(m) is FusedGroupNorm for m in regularizer.target_encoder.modules())
     vae = regularizer.unload()
-    fast_classes = (FusedGroupNorm, GroupNormFromChannelStats, NearestUpsample2D)
+    assert all(p.is_contiguous() for p in vae.parameters())
+    fast_classes = (FusedGroupNorm, GroupNormFromChannelStats, NearestUpsample2D, ResnetBlock2DWithoutCopy)
     assert not any(type(m) in fast_classes for m in regularizer.modules())
     assert not any(type(m) is torch.nn.Identity for m in regularizer.modules())
     assert vae is regularizer.vae

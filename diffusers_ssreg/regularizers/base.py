@@ -411,6 +411,8 @@ class LatentRegularizer(nn.Module):
         from ..speedups import remove_training_speedups
 
         remove_training_speedups(self)
+        if any(p.ndim == 4 and not p.is_contiguous() for p in self.vae.parameters()):
+            self.vae.to(memory_format=torch.contiguous_format)  # channels-last weights of a faster step
         if self._requires_grad_before_freeze is not None:
             for name, param in self.vae.named_parameters():
                 param.requires_grad_(self._requires_grad_before_freeze.get(name, param.requires_grad))
