@@ -5,7 +5,7 @@ for whichever regularizer `--regularizer` chose (`diffusers_ssreg.regularizers`)
 import json
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from diffusers import AutoencoderKL
@@ -107,15 +107,16 @@ def compile_modules(
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = activation_memory_budget
-    speedups = tuple(speedups)
+    speedups, channels_last = _speedups_for(regularizer, tuple(speedups))
     if speedups:
         import torch._inductor.config as inductor_config
 
         apply_training_speedups(regularizer, speedups)
-        # Channels-last from the start: the compiler traces the graph with the layouts the step runs in. Told only
-        # to optimise the layout (below), it converted the convolutions but left some gradients NCHW, and
-        # cuDNN's backward copied them (13 ms of a 198 ms step on one H200). `unload()` restores the NCHW weights.
-        regularizer.to(memory_format=torch.channels_last)
+        if channels_last:
+            # Channels-last from the start: the compiler traces the graph with the layouts the step runs in. Told
+            # only to optimise the layout (below), it converted the convolutions but left some gradients NCHW,
+            # and cuDNN's backward copied them (13 ms of a 198 ms step on one H200). `unload()` restores NCHW.
+            regularizer.to(memory_format=torch.channels_last)
         # The compiler keeps an NCHW graph NCHW when one of its convolutions has twice as many input as output
         # channels (the VAE's last convolutions and its channel-halving blocks do); cuDNN then transposes around
         # every bf16 convolution.
@@ -124,6 +125,18 @@ def compile_modules(
         torch.backends.cudnn.benchmark = not getattr(regularizer, "sizes_vary_per_step", False)
     for module in regularizer.modules_to_compile():
         module.compile()
+
+
+def _speedups_for(regularizer, speedups: tuple) -> Tuple[tuple, bool]:
+    """
+    The speed-ups `compile_modules` applies to `regularizer`, and whether it makes the weights channels-last. A
+    regularizer whose sizes vary per step (EQ-VAE: one of 24 sizes) keeps the per-channel GroupNorm and NCHW
+    weights: with the fused GroupNorm kernels its step ran at half the speed on one H200 (docs/benchmarks.md).
+    """
+    if not getattr(regularizer, "sizes_vary_per_step", False):
+        return speedups, bool(speedups)
+    swapped = ("group_norm" if name == "fused_group_norm" else name for name in speedups)
+    return tuple(dict.fromkeys(swapped)), False
 
 
 def load_vae(args) -> AutoencoderKL:
