@@ -75,6 +75,19 @@ if triton is not None:
         tl.store(S2 + out, tl.sum(acc2, axis=0), mask=mask_c)
 
     @triton.jit
+    def _group_channel_sums(P1, P2, n, g, C, n_chunks, cpg, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+        # the channels of group g, their mask, and the partial sums P1[n, :, c] and P2[n, :, c] summed over chunks
+        offs_j = tl.arange(0, BLOCK_G)
+        mask_j = offs_j < cpg
+        c = g * cpg + offs_j
+        offs_k = tl.arange(0, BLOCK_K)
+        mask = (offs_k < n_chunks)[:, None] & mask_j[None, :]
+        idx = (n * n_chunks + offs_k[:, None]) * C + c[None, :]
+        sum1 = tl.sum(tl.load(P1 + idx, mask=mask, other=0.0), axis=0)
+        sum2 = tl.sum(tl.load(P2 + idx, mask=mask, other=0.0), axis=0)
+        return c, mask_j, sum1, sum2
+
+    @triton.jit
     def _group_stats_kernel(
         X, S1, S2, W, B, SCALE, SHIFT, MEAN, RSTD, C, L, G, sxn, sxc, n_chunks, cpg, eps,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -82,14 +95,9 @@ if triton is not None:
         # one program per (sample, group): the group's mean and 1/std, and per channel y = x * scale + shift
         n = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
-        offs_j = tl.arange(0, BLOCK_G)
-        mask_j = offs_j < cpg
-        c = g * cpg + offs_j
-        offs_k = tl.arange(0, BLOCK_K)
-        mask = (offs_k < n_chunks)[:, None] & mask_j[None, :]
-        idx = (n * n_chunks + offs_k[:, None]) * C + c[None, :]
-        s1 = tl.sum(tl.load(S1 + idx, mask=mask, other=0.0), axis=0) / L
-        s2 = tl.sum(tl.load(S2 + idx, mask=mask, other=0.0), axis=0) / L
+        c, mask_j, s1, s2 = _group_channel_sums(S1, S2, n, g, C, n_chunks, cpg, BLOCK_K, BLOCK_G)
+        s1 = s1 / L
+        s2 = s2 / L
         first = tl.load(X + n * sxn + c * sxc, mask=mask_j, other=0.0).to(tl.float32)
         mean_c = first + s1
         var_c = tl.maximum(s2 - s1 * s1, 0.0)
@@ -109,15 +117,20 @@ if triton is not None:
         tl.store(RSTD + n * G + g, rstd)
 
     @triton.jit
-    def _normalize_kernel(
-        X, Y, SCALE, SHIFT, C, L, sxn, sxc, sxl, syn, syc, syl,
-        SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
+    def _pointwise_tile(C, L, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        # this program's sample, positions and channels of a (positions x channels) tile, and their masks
         n = tl.program_id(0).to(tl.int64)
         offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        mask = (offs_l < L)[:, None] & mask_c[None, :]
+        return n, offs_l, offs_c, mask_c, (offs_l < L)[:, None] & mask_c[None, :]
+
+    @triton.jit
+    def _normalize_kernel(
+        X, Y, SCALE, SHIFT, C, L, sxn, sxc, sxl, syn, syc, syl,
+        SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        n, offs_l, offs_c, mask_c, mask = _pointwise_tile(C, L, BLOCK_L, BLOCK_C)
         scale = tl.load(SCALE + n * C + offs_c, mask=mask_c, other=0.0)
         shift = tl.load(SHIFT + n * C + offs_c, mask=mask_c, other=0.0)
         x = tl.load(X + n * sxn + offs_l[:, None] * sxl + offs_c[None, :] * sxc, mask=mask, other=0.0)
@@ -169,15 +182,9 @@ if triton is not None:
         # dx = ALPHA * gy + BETA * (x - mean) + GAMMA per (sample, channel); DWN/DBN are per-sample dw/db
         n = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
-        offs_j = tl.arange(0, BLOCK_G)
-        mask_j = offs_j < cpg
-        c = g * cpg + offs_j
-        offs_k = tl.arange(0, BLOCK_K)
-        mask = (offs_k < n_chunks)[:, None] & mask_j[None, :]
-        idx = (n * n_chunks + offs_k[:, None]) * C + c[None, :]
+        c, mask_j, a, b = _group_channel_sums(PA, PB, n, g, C, n_chunks, cpg, BLOCK_K, BLOCK_G)
         rstd = tl.load(RSTD + n * G + g)
-        a = tl.sum(tl.load(PA + idx, mask=mask, other=0.0), axis=0) * rstd  # sum of gy * xhat
-        b = tl.sum(tl.load(PB + idx, mask=mask, other=0.0), axis=0)  # sum of gy
+        a = a * rstd  # sum of gy * xhat; b is the sum of gy
         tl.store(DWN + n * C + c, a, mask=mask_j)
         tl.store(DBN + n * C + c, b, mask=mask_j)
         w = tl.zeros((BLOCK_G,), dtype=tl.float32) + 1.0
@@ -196,11 +203,7 @@ if triton is not None:
         sxn, sxc, sxl, sdn, sdc, sdl, son, soc, sol,
         SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        n = tl.program_id(0).to(tl.int64)
-        offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        mask = (offs_l < L)[:, None] & mask_c[None, :]
+        n, offs_l, offs_c, mask_c, mask = _pointwise_tile(C, L, BLOCK_L, BLOCK_C)
         pc = n * C + offs_c
         alpha = tl.load(ALPHA + pc, mask=mask_c, other=0.0)
         beta = tl.load(BETA + pc, mask=mask_c, other=0.0)
@@ -262,17 +265,23 @@ def _chunking(n: int, c_blocks: int, length: int) -> Tuple[int, int]:
     return rows, triton.cdiv(length, rows)
 
 
-def _partial_sums(x):
+def _reduction(x):
+    """The launch of a reduction kernel over `x`: its grid, its arguments after the tensors, its tiles, and two
+    float32 buffers for its partial sums, of shape (N, programs per sample and channel block, C)."""
     n, c = x.shape[:2]
     length = x.numel() // (n * c)
     block_c, block_l, warps = _tile("reduce", c)
     c_blocks = triton.cdiv(c, block_c)
     rows, n_chunks = _chunking(n, c_blocks, length)
-    s1 = torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32)
-    s2 = torch.empty_like(s1)
-    _partial_sums_kernel[(n, n_chunks, c_blocks)](
-        x, s1, s2, c, length, *_flat_strides(x), rows, n_chunks, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps
-    )
+    buffers = [torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32) for _ in range(2)]
+    tiles = dict(BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
+    return (n, n_chunks, c_blocks), (rows, n_chunks), tiles, buffers
+
+
+def _partial_sums(x):
+    grid, chunking, tiles, (s1, s2) = _reduction(x)
+    n, c = x.shape[:2]
+    _partial_sums_kernel[grid](x, s1, s2, c, x.numel() // (n * c), *_flat_strides(x), *chunking, **tiles)
     return s1, s2
 
 
@@ -289,17 +298,11 @@ def _normalize(x, scale, shift, silu):
 
 
 def _grad_partial_sums(grad, x, scale, shift, mean, num_groups, silu):
+    grid, chunking, tiles, (pa, pb) = _reduction(x)
     n, c = x.shape[:2]
-    length = x.numel() // (n * c)
-    block_c, block_l, warps = _tile("reduce", c)
-    c_blocks = triton.cdiv(c, block_c)
-    rows, n_chunks = _chunking(n, c_blocks, length)
-    pa = torch.empty((n, n_chunks, c), device=x.device, dtype=torch.float32)
-    pb = torch.empty_like(pa)
-    _grad_partial_sums_kernel[(n, n_chunks, c_blocks)](
-        x, grad, scale, shift, mean, pa, pb, c, length, c // num_groups, num_groups,
-        *_flat_strides(x), *_flat_strides(grad), rows, n_chunks,
-        SILU=silu, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps,
+    _grad_partial_sums_kernel[grid](
+        x, grad, scale, shift, mean, pa, pb, c, x.numel() // (n * c), c // num_groups, num_groups,
+        *_flat_strides(x), *_flat_strides(grad), *chunking, SILU=silu, **tiles,
     )  # fmt: skip
     return pa, pb
 
