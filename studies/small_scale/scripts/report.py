@@ -71,6 +71,15 @@ DIVERGED = "non-finite steps in a row"  # what finetune_vae.py and train_dit.py 
 PILOT = "base"  # arms/base/: the base VAE's own chain (the workflow's `pilot`), reported in the base VAE's row
 
 
+def write_json_and_markdown(stem, result, lines, indent):
+    """`stem`.json (`result`) and `stem`.md (`lines`), the pair every report writes."""
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=indent)
+        f.write("\n")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines))
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -305,11 +314,7 @@ def write_report(study):
 
     report = {"study": "SSReg small-scale study", "config": config, "missing": missing, "measures": statistics,
               "units": units}  # fmt: skip
-    with open(os.path.join(study, "study_results.json"), "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(study, "study_results.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_json_and_markdown(os.path.join(study, "study_results"), report, lines, indent=2)
     print(f"report: {len(units)} VAEs with results, {len(missing)} missing stages -> study_results.json, study_results.md")
     return report
 
@@ -610,11 +615,7 @@ def write_table1(paths, output_dir, ssreg_arm=None, alpha=0.05):
               "notes": notes, "ssreg_arm": ssreg_arm, "alpha": alpha, "arms": statistics, "verdicts": verdicts,
               "paper_table1_flux": PAPER_TABLE1}  # fmt: skip
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "table1.json"), "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    with open(os.path.join(output_dir, "table1.md"), "w") as f:
-        f.write("\n".join(lines))
+    write_json_and_markdown(os.path.join(output_dir, "table1"), result, lines, indent=1)
     print(f"table1: {len(units)} units of {len(arms)} arms, {len(verdicts)} claims -> {output_dir}/table1.md, table1.json")
     return result
 

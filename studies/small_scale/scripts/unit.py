@@ -28,6 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (the study's result readers, beside this file)
+from prepare_data import sha256_file  # noqa: E402
 
 
 FORMAT = "ssreg-small-scale-unit"
@@ -38,14 +39,6 @@ FINETUNE_CURVE_KEYS = ("loss", "rec_mae", "kl", "latent_mse", "reg_mae", "eq_mae
 GRID_SIDE = 4
 GRID_CELL = 128
 STAGES = ("data", "base", "eval_base", "finetune", "eval", "cache", "dit", "sample", "score_heldout", "score_train")
-
-
-def sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_json(value):
