@@ -727,6 +727,10 @@ class TrainingLoop:
 
                 repo_id = push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, create=False)
                 logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+        # Every process waits for the main one to finish writing, so that all of them destroy the process group
+        # together, as torch.distributed asks. Without this wait, a 2-process gloo run once had its second process
+        # abort at exit ("terminate called without an active exception") while the first was still writing.
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
 
