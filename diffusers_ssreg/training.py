@@ -57,6 +57,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
     add("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
         help="Autocast precision (default: Accelerate's configuration).")  # fmt: skip
     add("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    add("--deterministic", action="store_true",
+        help="Only deterministic kernels (torch.use_deterministic_algorithms, cuDNN without autotuning): the same "
+             "seed, data, hardware and software give bit-identical weights. Slower; eager only (not with --compile).")  # fmt: skip
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per device.")
     add("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     add("--logging_dir", type=str, default="logs", help="Tracker and train_metrics.jsonl folder, inside --output_dir.")
@@ -96,6 +99,9 @@ def check_training_arguments(args, positive=(), optional_positive=()) -> None:
         raise ValueError(f"--max_grad_norm must be positive, got {args.max_grad_norm}.")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}.")
+    if args.deterministic and getattr(args, "compile", False):
+        raise ValueError("--deterministic with --compile: the compiler autotunes its kernels in every run, so two "
+                         "compiled runs need not match bit for bit. Drop one of the two flags.")  # fmt: skip
     resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)  # a missing folder fails here
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = os.path.basename(os.path.normpath(args.output_dir))
@@ -111,13 +117,21 @@ def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
     """
     The `Accelerator` of a training script from the shared flags (diffusers' example-script setup):
     logging, tracker and project folders, a seedable sampler with one data order for all ranks, device-specific
-    seeds (each rank draws its own noise) and TF32 when asked. With `--push_to_hub` the Hub repository is created now, before
-    any work (as diffusers' scripts do). `dynamo_backend` compiles the prepared model through Accelerate;
-    `dataloader_options` go to `DataLoaderConfiguration`. Returns `(accelerator, logging_dir)`.
+    seeds (each rank draws its own noise), TF32 and deterministic kernels when asked. With `--push_to_hub` the Hub
+    repository is created now, before any work (as diffusers' scripts do). `dynamo_backend` compiles the prepared
+    model through Accelerate; `dataloader_options` go to `DataLoaderConfiguration`. Returns
+    `(accelerator, logging_dir)`.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+    if args.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first call
+        # (https://docs.nvidia.com/cuda/cublas/#results-reproducibility); cuDNN's autotuning may pick another
+        # algorithm in each run, so it stays off.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -131,7 +145,9 @@ def setup_accelerator(args, dynamo_backend=None, **dataloader_options):
         dynamo_backend=dynamo_backend,
     )
     logger.info("%s", accelerator.state)
-    set_seed(args.seed, device_specific=True)
+    set_seed(args.seed, device_specific=True, deterministic=args.deterministic)
+    if args.deterministic:
+        logger.info("Deterministic kernels only (CUBLAS_WORKSPACE_CONFIG=%s)", os.environ["CUBLAS_WORKSPACE_CONFIG"])
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -299,6 +299,20 @@ def test_resume_on_another_process_count_keeps_the_schedule_and_the_data_positio
         AutoencoderKL.from_pretrained(tmp_path / name)
 
 
+def test_deterministic_runs_give_the_same_weights_and_another_seed_does_not(workspace, tmp_path):
+    # DataLoader workers draw the augmentation; --deterministic turns on torch's deterministic kernels (on a GPU
+    # the part that matters; on the CPU it shows the seeding alone reproduces the run, workers included).
+    runs = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        args = base_args(workspace, tmp_path / name, 3) + ["--deterministic", "--dataloader_num_workers", "2"]
+        args[args.index("--seed") + 1] = seed
+        result = launch(args)
+        assert "Deterministic kernels only (CUBLAS_WORKSPACE_CONFIG=:4096:8)" in result.stdout + result.stderr
+        runs[name] = vae_weights(tmp_path / name)
+    assert max_difference(runs["a"], runs["b"]) == 0.0
+    assert max_difference(runs["a"], runs["c"]) > 0.0
+
+
 def test_push_to_hub_creates_the_repo_before_training_and_uploads_after(workspace, tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -431,6 +445,7 @@ def test_help_shows_real_defaults_and_renamed_flags_still_work(capsys):
         (["--train_batch_size", "0"], "train_batch_size"),
         (["--dataset_name", "x"], "either --dataset_name or --train_data_dir"),
         (["--random_resized_crop_scale", "0.5", "0.2"], "random_resized_crop_scale"),
+        (["--deterministic", "--compile"], "--deterministic with --compile"),
     ],
 )
 def test_bad_input_fails_before_training(workspace, tmp_path, extra, match):

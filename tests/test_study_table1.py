@@ -166,6 +166,7 @@ def test_table1_config_runs_lightningdit_with_its_recipe_and_the_generation_sett
     assert "--resolution 128" in next(line for line in lines if "prepare_data.py" in line)
     base = next(line for line in lines if "finetune_vae.py" in line)
     assert "--regularizer none" in base and "--plain_freeze_encoder_blocks 0" in base and "--plain_lambda_lpips 0" in base
+    assert "--deterministic" in base  # every run in parts trains the same base (README.md)
 
     _, output = snakemake(tmp_path, "--cores", "16", "--resources", "gpu=4", "-n", config=TABLE1, photos=photos)
     counts = job_counts(output)  # everything: 5 arms x 3 seeds, their unit files and both reports (no pilot)
