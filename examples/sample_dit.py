@@ -169,6 +169,8 @@ def main(args):
             np.savez(args.output_npz, arr_0=images, labels=labels)
             logger.info(f"Wrote {args.output_npz}: arr_0 {images.shape} uint8, labels {labels.shape}.")
         logger.info(f"{len(jobs)} images in {args.output_dir}: score them with `ssreg-eval`.")
+    accelerator.wait_for_everyone()  # every process ends the process group together (diffusers_ssreg/training.py)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
