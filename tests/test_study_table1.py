@@ -64,7 +64,7 @@ def table1(photos, tmp_path_factory):  # noqa: F811
 def test_every_arm_fine_tunes_and_evaluates_with_its_own_method(table1):
     counts = job_counts(table1["output"])
     assert counts == {"data": 1, "vae_config": 1, "base": 1, "eval_base": 1, "finetune": 5, "eval": 5, "cache": 1,
-                      "dit": 1, "sample": 1, "score": 2, "unit": 1, "pilot": 1}, counts  # fmt: skip
+                      "dit": 1, "sample": 1, "score": 2, "score_real": 3, "unit": 1, "pilot": 1}, counts  # fmt: skip
     for arm in ARMS:
         chain = os.path.join(table1["dir"], "arms", arm, "seed0")
         with open(os.path.join(chain, "finetune", "logs", "train_metrics.jsonl")) as f:
@@ -112,6 +112,22 @@ def test_the_pilots_unit_file_holds_the_tools_numbers_and_a_small_grid(table1):
     assert grid.size == (4 * 32, 4 * 32) and unit["grid"]["file"] == "base_seed0.png"
     assert os.path.getsize(os.path.join(out, "units", "base_seed0.json")) < 100_000
 
+    # the real crops scored like samples: other crops of the training photos against both references, the held-out
+    # crops against the training crops (generation.num_samples of them: 16)
+    assert sorted(unit["real"]) == ["heldout", "real"]
+    for source, references in (("real", ("train", "heldout")), ("heldout", ("train",))):
+        generation = {r: read_json(os.path.join(out, "real", source, r, "generation.json")) for r in references}
+        expected = {f"gen_{r}/{k}": v for r in references for k, v in generation[r]["metrics"].items()}
+        assert unit["real"][source] == {"crops": 16, "measures": expected}, source
+    split = read_json(os.path.join(out, "data", "split.json"))
+    assert split["real"]["photos"] == split["train"]["photos"] and split["real"]["crops"] == 16
+    train, real = (sorted(n for n in os.listdir(os.path.join(out, "data", f"{p}_crops")) if n.endswith(".png"))
+                   for p in ("train", "real"))  # fmt: skip
+    assert real == train[:16]  # crop i of both parts comes from the same photo ...
+    for name in real[:4]:  # ... at another place and scale
+        pixels = [Image.open(os.path.join(out, "data", f"{p}_crops", name)).tobytes() for p in ("train", "real")]
+        assert pixels[0] != pixels[1], name
+
 
 def test_the_merged_report_and_figures_from_the_unit_files_alone(table1, tmp_path):
     copy = tmp_path / "brought_back"  # the unit files without the study folder they came from
@@ -124,6 +140,14 @@ def test_the_merged_report_and_figures_from_the_unit_files_alone(table1, tmp_pat
     markdown = (tmp_path / "out" / "table1.md").read_text()
     psnr = read_json(copy / "base_seed0.json")["measures"]["rec/PSNR"]
     assert f"| base VAE (no fine-tune) | 1 | {psnr:.4f} |" in markdown
+    fmt_value = load_report().fmt_value
+    real = read_json(copy / "base_seed0.json")["real"]
+    fid = fmt_value(real["real"]["measures"]["gen_train/FID-EffNetLite0"])
+    assert f"| real: other crops of the training photos (16 crops) | – | – | – | – | {fid} |" in markdown
+    recall = fmt_value(real["heldout"]["measures"]["gen_train/recall-EffNetLite0"])
+    row = r"^\| real: the held-out crops \(16 crops\) \| – \|( – \|){3}.*\| " + re.escape(recall) + r" \|$"
+    assert re.search(row, markdown, re.MULTILINE), markdown
+    assert markdown.count("| real: the held-out crops") == 1  # not scored against themselves: no row there
     assert "No verdict: no SSReg arm among the units." in markdown
     result = run_script("figures.py", "--units", str(copy), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
@@ -152,7 +176,7 @@ def test_table1_config_runs_lightningdit_with_its_recipe_and_the_generation_sett
     _, output = snakemake(tmp_path, "pilot", "--cores", "16", "--resources", "gpu=4", "-n", "-p", config=TABLE1, photos=photos)
     counts = job_counts(output)
     assert counts == {"data": 1, "vae_config": 1, "base": 1, "eval_base": 1, "cache": 1, "dit": 1, "sample": 1,
-                      "score": 2, "unit": 1, "pilot": 1}, counts  # fmt: skip
+                      "score": 2, "score_real": 3, "unit": 1, "pilot": 1}, counts  # fmt: skip
     lines = output.splitlines()
     dit = next(line for line in lines if "train_dit.py" in line)
     for expected in ("--preset LightningDiT-B/2", "--max_train_steps 6000", "--train_batch_size 256", "--unconditional",

@@ -11,8 +11,12 @@ U(crop_min_area, 1) of the photo's largest square), resized to `--resolution` px
 *i mod n*; its randomness is seeded by the part and *i* alone, so the crops never depend on an arm or a seed.
 File names interleave the photos (`00000_<photo>.png`, ...): any first N crops cover every photo.
 
-Writes `train_crops/`, `heldout_crops/` and `split.json` (the split, each photo's SHA-256 and a fingerprint of
-each crop folder) into `--output_dir`.
+`--real_crops N` also cuts N other crops of the training photos (seeded as their own part, `real`), which no model
+trains on: scored against the training and the held-out crops like a model's samples, they show what real images
+of the training photos reach (the generation scores' reference point).
+
+Writes `train_crops/`, `heldout_crops/`, `real_crops/` (with `--real_crops`) and `split.json` (the split, each
+photo's SHA-256 and a fingerprint of each crop folder) into `--output_dir`.
 """
 
 import argparse
@@ -110,12 +114,16 @@ def parse_args(argv=None):
     parser.add_argument("--heldout_photos", type=int, required=True, help="Photos held out for evaluation.")
     parser.add_argument("--train_crops", type=int, required=True, help="Crops of the training photos.")
     parser.add_argument("--heldout_crops", type=int, required=True, help="Crops of the held-out photos.")
+    parser.add_argument("--real_crops", type=int, default=0,
+                        help="Other crops of the training photos, never trained on (see above); 0: none.")
     parser.add_argument("--crop_min_area", type=float, default=0.1, help="Smallest crop area, as a fraction of the photo's largest square.")
     parser.add_argument("--jobs", type=int, default=1, help="Processes cutting crops.")
     args = parser.parse_args(argv)
     for name in ("resolution", "heldout_photos", "train_crops", "heldout_crops"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.real_crops < 0:
+        parser.error(f"--real_crops must be at least 0, got {args.real_crops}")
     if not 0 < args.crop_min_area <= 1:
         parser.error(f"--crop_min_area must be in (0, 1], got {args.crop_min_area}")
     if not os.path.isdir(args.photos):
@@ -131,6 +139,8 @@ def main(argv=None):
                          f"{args.heldout_photos} needs at least {args.heldout_photos + 2}.")  # fmt: skip
     held = set(heldout_indices(len(photos), args.heldout_photos))
     parts = {"train": [p for i, p in enumerate(photos) if i not in held], "heldout": [p for i, p in enumerate(photos) if i in held]}
+    if args.real_crops:
+        parts["real"] = parts["train"]
     split = {"crop_seed": CROP_SEED, "resolution": args.resolution, "crop_min_area": args.crop_min_area,
              "photos": {p: sha256_file(os.path.join(args.photos, p)) for p in photos}}  # fmt: skip
     for part, chosen in parts.items():

@@ -339,6 +339,7 @@ PAPER_TABLE1 = {
 PAPER_ROWS = {"none": "Flux", "eqvae": "Flux + EQVAE", "scale_equivariance": "Flux + FT-SE", "ssreg": "Flux + Ours"}
 METHOD_TITLES = {"none": "plain fine-tune", "ssreg": "SSReg", "eqvae": "EQ-VAE", "scale_equivariance": "FT-SE (scale equivariance)",
                  "spectrum_matching": "spectrum matching (ESM)"}  # fmt: skip
+REAL_ROWS = {"real": "real: other crops of the training photos", "heldout": "real: the held-out crops"}
 METHOD_ORDER = ("none", "eqvae", "scale_equivariance", "spectrum_matching", "ssreg")  # the paper's row order, then ESM
 # (paper column, measure, better): the orderings the verdict tests; gFID against the training crops is the paper's
 # gFID (training statistics as the reference), the held-out reference is tested beside it.
@@ -539,12 +540,24 @@ def write_table1(paths, output_dir, ssreg_arm=None, alpha=0.05):
             return "base VAE (no fine-tune)"
         return f"{METHOD_TITLES.get(entry['method'], entry['method'])} (`{arm}`)"
 
+    # The real crops scored like samples (the pilot's unit, `real`): the reference rows of the generation columns
+    real = next((u.get("real") or {} for u in units if u.get("pilot")), {})
+
     def table(columns, title):
         header = [f"{name} {better}".rstrip() for name, _, better in columns]
         lines = [title, "", "| method | n | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(columns)]
         for arm, entry in arms.items():
             cells = [mean_cell(entry["measures"].get(key.format(x=suffix), [])) for _, key, _ in columns]
             lines.append(f"| {row_name(arm, entry)} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+        if any(key.startswith("gen_") for _, key, _ in columns):
+            for source, name in REAL_ROWS.items():
+                if source in real:
+                    measures = real[source]["measures"]
+                    cells = [mean_cell([measures.get(key.format(x=suffix))]) if key.startswith("gen_") else "–"
+                             for _, key, _ in columns]  # fmt: skip
+                    if all(cell == "–" for cell in cells):  # (the held-out crops against themselves)
+                        continue
+                    lines.append(f"| {name} ({real[source]['crops']} crops) | – | " + " | ".join(cells) + " |")
         return lines + [""]
 
     lines = ["# The paper's Table 1 at small scale", "",
@@ -561,6 +574,10 @@ def write_table1(paths, output_dir, ssreg_arm=None, alpha=0.05):
              f"only, never with the paper's Inception FID.", ""]  # fmt: skip
     lines += ["Units: " + "; ".join(f"`{arm}` seeds {', '.join(map(str, e['seeds']))}" for arm, e in arms.items()) + ".", ""]
     lines += [f"Note: {note}" for note in notes] + ([""] if notes else [])
+    if real:
+        lines += ["The rows *real* are crops, not samples, scored the same way: other crops of the training photos "
+                  "(never trained on) and the held-out crops. They show what real images of these photos reach against "
+                  "each reference, the ceiling of a model's scores.", ""]  # fmt: skip
     lines += table(TABLE1_COLUMNS, "## Reconstruction (held-out crops) | generation (against the training crops)")
     lines += table(HELDOUT_COLUMNS, "## Generation against the held-out crops")
     lines += table(LATENT_COLUMNS, "## Latent structure and training")
@@ -612,7 +629,7 @@ def write_table1(paths, output_dir, ssreg_arm=None, alpha=0.05):
                         "measures": {k: dict(zip(("mean", "std"), mean_std(v)), n=sum(finite(x) for x in v), values=v)
                                      for k, v in e["measures"].items()}} for arm, e in arms.items()}  # fmt: skip
     result = {"report": "Table 1 at small scale", "units": [{"arm": u["arm"], "seed": u["seed"], "path": u["path"]} for u in units],
-              "notes": notes, "ssreg_arm": ssreg_arm, "alpha": alpha, "arms": statistics, "verdicts": verdicts,
+              "notes": notes, "ssreg_arm": ssreg_arm, "alpha": alpha, "arms": statistics, "real": real, "verdicts": verdicts,
               "paper_table1_flux": PAPER_TABLE1}  # fmt: skip
     os.makedirs(output_dir, exist_ok=True)
     write_json_and_markdown(os.path.join(output_dir, "table1"), result, lines, indent=1)

@@ -14,7 +14,8 @@ latent structure and generation (the flat keys of `report.py`: `rec/PSNR`, `late
 `gen_train/FID-EffNetLite0`, ...), the DiT's loss curve and the VAE's training curve (subsampled), each job's wall
 time (Snakemake's `benchmark:` files), the arm, seed, flags and settings with their SHA-256, the SHA-256 of the
 base VAE's and the unit's VAE weights, the crops' fingerprints, the GPU, and the code's version and commit. The grid
-shows the first 16 scored samples (4 x 4, at most 128 px each).
+shows the first 16 scored samples (4 x 4, at most 128 px each). The pilot's unit also holds `real`: the scores of
+real crops (the workflow's `score_real`, when the config's `data: real_crops` is set), the table's reference rows.
 """
 
 import argparse
@@ -38,6 +39,9 @@ MAX_CURVE_POINTS = 200
 FINETUNE_CURVE_KEYS = ("loss", "rec_mae", "kl", "latent_mse", "reg_mae", "eq_mae", "low_res_mae", "se_mae", "esm", "dsm_mae")
 GRID_SIDE = 4
 GRID_CELL = 128
+# The real crops scored like samples (rule score_real): {source: the crops' folder under data/}; each is scored
+# against the training crops and, but for the held-out crops themselves, against the held-out crops.
+REAL_SOURCES = ("real", "heldout")
 STAGES = ("data", "base", "eval_base", "finetune", "eval", "cache", "dit", "sample", "score_heldout", "score_train")
 
 
@@ -153,6 +157,22 @@ def method_of(flags):
     return method
 
 
+def real_scores(study):
+    """{source: {"crops": N, "measures": {"gen_train/FID-...": value, ...}}} of the real crops scored in `study`."""
+    found = {}
+    for source in REAL_SOURCES:
+        measures, crops = {}, None
+        for reference in ("train", "heldout"):
+            path = os.path.join(study, "real", source, reference, "generation.json")
+            if os.path.isfile(path):
+                generation = report.read_json(path)
+                measures.update({f"gen_{reference}/{k}": v for k, v in generation["metrics"].items()})
+                crops = generation["num_samples"]
+        if measures:
+            found[source] = {"crops": crops, "measures": measures}
+    return found
+
+
 def build_unit(study, arm, seed, given, repository=None):
     """The unit's content (see the module's docstring); `given` is the workflow's `--settings` mapping."""
     chain = os.path.join(study, "arms", arm, f"seed{seed}")
@@ -197,6 +217,7 @@ def build_unit(study, arm, seed, given, repository=None):
             "dit": subsample(read_jsonl(os.path.join(chain, "dit", "logs", "train_metrics.jsonl")), ("loss",)),
             "vae": subsample(vae_log, FINETUNE_CURVE_KEYS, limit=100),
         },
+        "real": real_scores(study) if arm == PILOT else {},
         "wall_seconds": wall_seconds(study, arm, seed),
         "device": gpu_name(given.get("device")),
         "jobs_per_gpu": given.get("jobs_per_gpu"),
