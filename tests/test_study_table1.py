@@ -212,6 +212,12 @@ def test_a_bad_selection_or_generation_setting_is_refused(photos, tmp_path, extr
     assert code != 0 and message in output, output[-3000:]
 
 
+def test_a_bad_real_crops_count_is_refused(photos, tmp_path):  # noqa: F811
+    config = write_config(tmp_path / "c.yaml", lambda c: c["data"].update(real_crops="many"))
+    code, output = snakemake(tmp_path, "--cores", "1", "-n", config=config, photos=photos, check=False)
+    assert code != 0 and "config data.real_crops: must be a non-negative integer (0: none), got 'many'" in output, output[-3000:]
+
+
 def test_an_arm_may_not_take_the_pilots_name(photos, tmp_path):  # noqa: F811
     config = write_config(tmp_path / "c.yaml", lambda c: c["arms"].update(base=c["arms"].pop("none")), base="tiny_table1.yaml")
     code, output = snakemake(tmp_path, "--cores", "1", "-n", config=config, photos=photos, check=False)
